@@ -1,0 +1,552 @@
+"""Datasets as uint8 tensors in memory, and batched augmentation that runs on whatever device holds them.
+
+    train = load_split("cifar10", "train", data_root="data")      # ImageSet: (N, 3, 32, 32) uint8 + labels
+    augment = RandomResizedCropFlip(32, scale=(0.3, 1.0))
+    images = augment(train.images[:256].cuda(), generator)        # (256, 3, 32, 32) float, normalised
+
+Dataset specs (`--dataset`):
+  digits                      scikit-learn's bundled 8x8 digits, upscaled to 32 px (offline; tests, quick start)
+  cifar10, cifar100           torchvision's on-disk format in --data-root, downloaded when missing
+  imagefolder:<dir|tar[.gz]>  class sub-folders; with train/ and test/ (or val/) sub-folders they are the splits,
+                              otherwise a seeded 10% of each class is held out as the test split
+  tiny-imagenet:<dir|tar.gz>  the original tiny-imagenet-200 layout (val labels from val_annotations.txt)
+  hf:<hub id or local path>   Hugging Face `datasets`, with --image-column / --label-column
+
+Decoding, augmentation and masking are separate steps: the training scripts hold a split on the GPU as
+uint8 and augment whole batches there, with no DataLoader in the loop.
+"""
+
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+HF_COLUMNS = {  # known Hugging Face datasets whose columns are not found by feature type alone
+    "uoft-cs/cifar100": ("img", "fine_label"),
+    "uoft-cs/cifar10": ("img", "label"),
+    "cifar100": ("img", "fine_label"),
+    "cifar10": ("img", "label"),
+}
+NO_NETWORK_HINT = ("no network? put the data on disk and pass --dataset imagefolder:<dir or .tar.gz> "
+                   "or hf:<local path>")
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, without a traceback."""
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, 3, S, S) uint8
+    labels: torch.Tensor  # (N,) long
+    classes: list
+    skipped: int = 0  # unreadable files skipped under --skip-bad-images
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, index):
+        return ImageSet(self.images[index], self.labels[index], self.classes, self.skipped)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode_image(data, name, size=None):
+    """Encoded bytes -> (3, H, W) uint8 RGB; greyscale, RGBA, palette and 16-bit images included.
+
+    With `size`, the shorter side is resized to `size` and the centre cropped to size x size."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            img = _to_rgb(img)
+    except Exception as e:  # PIL raises many types for corrupt data; all mean the same to the user
+        raise UserError(f"cannot read image {name} ({type(e).__name__}: {e}); remove the file or pass "
+                        "--skip-bad-images") from None
+    if size is not None:
+        img = _resize_centre_crop(img, size)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _to_rgb(img):
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale, don't clip
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray((arr / peak * 255).round().clip(0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def _resize_centre_crop(img, size):
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def stack_images(images, names):
+    sizes = {tuple(img.shape) for img in images}
+    if len(sizes) > 1:
+        raise UserError(f"images have different sizes {sorted(sizes)[:3]} (e.g. {names[0]}); "
+                        "pass --storage-size to resize them on loading")
+    return torch.stack(images) if images else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files from a folder or a tar archive, read in one pass
+
+
+def iter_files(path, wanted):
+    """Yield (relative path, bytes) for files under a folder or inside a tar archive, where wanted(rel)."""
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                rel = os.path.relpath(full, path).replace(os.sep, "/")
+                if wanted(rel):
+                    with open(full, "rb") as f:
+                        yield rel, f.read()
+        return
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isfile() and wanted(member.name):
+                    yield member.name.lstrip("./"), tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise UserError(f"cannot read archive {path} ({e}); it is truncated or not a tar file") from None
+
+
+def check_path(path, what):
+    if not os.path.exists(path):
+        raise UserError(f"{what} path {path} does not exist; check the --dataset path")
+    if os.path.isfile(path) and not tarfile.is_tarfile(path):
+        raise UserError(f"{what} path {path} is a file but not a tar archive; pass a folder or a .tar/.tar.gz")
+
+
+def is_image(rel):
+    return rel.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(rel).startswith(".")
+
+
+def decode_all(entries, size, skip_bad):
+    """entries: (name, bytes, label) -> (images, labels, names kept, skipped count)."""
+    images, labels, names, skipped = [], [], [], 0
+    for name, data, label in entries:
+        try:
+            images.append(decode_image(data, name, size))
+        except UserError:
+            if not skip_bad:
+                raise
+            skipped += 1
+            continue
+        labels.append(label)
+        names.append(name)
+    return images, labels, names, skipped
+
+
+# ----------------------------------------------------------------------------------------------------
+# Readers: each returns (images list or tensor, labels, classes, skipped)
+
+
+def read_imagefolder(path, split, size, skip_bad, seed):
+    check_path(path, "imagefolder")
+    files = [(rel, data) for rel, data in iter_files(path, is_image)]
+    split_dirs = {"train": ("train",), "test": ("test", "val")}
+    has_splits = any(part == "train" for rel, _ in files for part in rel.split("/")[:-2])
+
+    def place(rel):  # (split folder or None, class name) of a file
+        parts = rel.split("/")
+        for i, part in enumerate(parts[:-2]):
+            if part in ("train", "test", "val"):
+                return part, parts[i + 1]
+        return None, parts[-2] if len(parts) >= 2 else None
+
+    chosen = []
+    for rel, data in files:
+        where, cls = place(rel)
+        if cls is None:
+            continue
+        if has_splits and where not in split_dirs[split]:
+            continue
+        chosen.append((rel, data, cls))
+    if not chosen:
+        raise UserError(f"no images for split {split!r} in {path}: expected <class>/<image> folders, "
+                        "optionally under train/ and test/ (or val/)")
+    classes = sorted({cls for _, _, cls in chosen})
+    entries = [(rel, data, classes.index(cls)) for rel, data, cls in chosen]
+    images, labels, names, skipped = decode_all(entries, size, skip_bad)
+    data = ImageSet(stack_images(images, names), torch.tensor(labels, dtype=torch.long), classes, skipped)
+    if not has_splits:
+        train_idx, test_idx = holdout_split(data.labels, 0.1, seed)
+        data = data.subset(train_idx if split == "train" else test_idx)
+    return data
+
+
+def read_tiny_imagenet(path, split, size, skip_bad):
+    check_path(path, "tiny-imagenet")
+    files = dict(iter_files(path, lambda rel: rel.endswith((".txt", ".JPEG", ".jpeg", ".jpg"))))
+    roots = sorted({rel[: -len("wnids.txt")] for rel in files if rel.endswith("wnids.txt")}, key=len)
+    if not roots:
+        raise UserError(f"{path} is not in the tiny-imagenet-200 layout (no wnids.txt); "
+                        "use imagefolder: for other layouts")
+    root = roots[0]
+    wnids = files[root + "wnids.txt"].decode().split()
+    words = {}
+    if root + "words.txt" in files:
+        for line in files[root + "words.txt"].decode().splitlines():
+            wnid, _, names = line.partition("\t")
+            words[wnid] = names.split(",")[0].strip()
+    index = {wnid: i for i, wnid in enumerate(wnids)}
+    entries = []
+    if split == "train":
+        for rel, data in files.items():
+            parts = rel[len(root):].split("/")
+            if rel.startswith(root + "train/") and len(parts) == 4 and parts[1] in index and is_image(rel):
+                entries.append((rel, data, index[parts[1]]))
+    else:
+        annotations = files.get(root + "val/val_annotations.txt")
+        if annotations is None:
+            raise UserError(f"{path} has no val/val_annotations.txt; the tiny-imagenet-200 archive is incomplete")
+        for line in annotations.decode().splitlines():
+            fields_ = line.split("\t")
+            rel = root + "val/images/" + fields_[0]
+            if len(fields_) >= 2 and rel in files and fields_[1] in index:
+                entries.append((rel, files[rel], index[fields_[1]]))
+    entries.sort(key=lambda e: e[0])
+    images, labels, names, skipped = decode_all(entries, size, skip_bad)
+    classes = [words.get(w, w) for w in wnids]
+    return ImageSet(stack_images(images, names), torch.tensor(labels, dtype=torch.long), classes, skipped)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR's python batches are pickles: allow the few numpy globals they need and nothing else,
+    so a crafted file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise UserError(f"refusing to unpickle {module}.{name} from a dataset file: not a CIFAR batch")
+
+
+def _read_batch(path):
+    try:
+        with open(path, "rb") as f:
+            return _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}); delete the folder to download it again") from None
+
+
+def read_cifar(name, split, data_root):
+    ten = name == "cifar10"
+    folder = os.path.join(data_root, "cifar-10-batches-py" if ten else "cifar-100-python")
+    files = ([f"data_batch_{i}" for i in range(1, 6)] if ten else ["train"]) if split == "train" else (
+        ["test_batch"] if ten else ["test"])
+    meta_file, meta_key, label_key = ("batches.meta", "label_names", "labels") if ten else (
+        "meta", "fine_label_names", "fine_labels")
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in files + [meta_file]):
+        download_cifar(name, data_root)
+    batches = [_read_batch(os.path.join(folder, f)) for f in files]
+    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for b in batches])
+    labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
+    classes = list(_read_batch(os.path.join(folder, meta_file))[meta_key])
+    return ImageSet(torch.from_numpy(data), torch.from_numpy(labels).long(), classes)
+
+
+def download_cifar(name, data_root):
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    try:
+        (CIFAR10 if name == "cifar10" else CIFAR100)(data_root, train=True, download=True)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError
+        raise UserError(f"cannot download {name} into {data_root} ({e}); {NO_NETWORK_HINT}") from None
+
+
+def read_digits(split, seed):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float()[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
+    images = F.interpolate(images, size=32, mode="bilinear", align_corners=False)
+    images = (images * 255).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    data = ImageSet(images, torch.from_numpy(digits.target).long(), [str(i) for i in range(10)])
+    train_idx, test_idx = holdout_split(data.labels, 0.2, seed)
+    return data.subset(train_idx if split == "train" else test_idx)
+
+
+def read_hf(hub_id, split, size, image_column, label_column):
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("hf: datasets need the `datasets` package: pip install datasets") from None
+    try:
+        ds = datasets.load_from_disk(hub_id) if os.path.isdir(hub_id) and os.path.isfile(
+            os.path.join(hub_id, "dataset_dict.json")) else datasets.load_dataset(hub_id)
+    except (OSError, ConnectionError, ValueError, FileNotFoundError) as e:
+        raise UserError(f"cannot load Hugging Face dataset {hub_id} ({type(e).__name__}: {e}); "
+                        f"{NO_NETWORK_HINT}") from None
+    names = [split] + (["test", "validation", "val"] if split == "test" else [])
+    part = next((ds[n] for n in names if n in ds), None)
+    if part is None:
+        raise UserError(f"{hub_id} has no {split!r} split (it has {list(ds)})")
+    image_column, label_column = hf_columns(hub_id, part.features, image_column, label_column)
+    classes = getattr(part.features[label_column], "names", None) or sorted(set(part[label_column]))
+    images = []
+    for i, img in enumerate(part[image_column]):
+        buffer = io.BytesIO()
+        _to_rgb(img).save(buffer, format="PNG")
+        images.append(decode_image(buffer.getvalue(), f"{hub_id}[{i}]", size))
+    labels = torch.tensor(part[label_column], dtype=torch.long)
+    return ImageSet(stack_images(images, [hub_id]), labels, [str(c) for c in classes])
+
+
+def hf_columns(hub_id, features, image_column, label_column):
+    import datasets
+
+    default_image, default_label = HF_COLUMNS.get(hub_id, (None, None))
+    image_column = image_column or default_image or next(
+        (k for k, v in features.items() if isinstance(v, datasets.Image)), None)
+    label_column = label_column or default_label or next(
+        (k for k, v in features.items() if isinstance(v, datasets.ClassLabel)), None)
+    for what, column in (("image", image_column), ("label", label_column)):
+        if column is None or column not in features:
+            raise UserError(f"cannot find the {what} column of {hub_id} (columns: {list(features)}); "
+                            f"pass --{what}-column")
+    return image_column, label_column
+
+
+# ----------------------------------------------------------------------------------------------------
+# Splits and subsets
+
+
+def holdout_split(labels, fraction, seed):
+    """Seeded per-class split of indices into (train, held out), each sorted."""
+    generator = torch.Generator().manual_seed(seed)
+    train, held = [], []
+    for cls in labels.unique(sorted=True):
+        idx = (labels == cls).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        n_held = max(1, round(len(idx) * fraction)) if len(idx) > 1 else 0
+        held.append(idx[:n_held])
+        train.append(idx[n_held:])
+    return torch.cat(train).sort().values, torch.cat(held).sort().values
+
+
+def class_balanced_subset(labels, per_class, seed):
+    """Seeded choice of at most per_class indices of each class, sorted."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for cls in labels.unique(sorted=True):
+        idx = (labels == cls).nonzero().flatten()
+        chosen.append(idx[torch.randperm(len(idx), generator=generator)[:per_class]])
+    return torch.cat(chosen).sort().values
+
+
+def load_split(spec, split, data_root="data", storage_size=None, max_per_class=None, seed=0,
+               skip_bad_images=False, image_column=None, label_column=None, cache=True):
+    """Read one split ("train" or "test") of a dataset spec into memory as an ImageSet.
+
+    Decoded folders, archives and hub datasets are cached under data_root/cache (keyed by the source's
+    path, size and time stamp and the settings), so the second run starts at once."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    kind, _, arg = spec.partition(":")
+    if kind in ("cifar10", "cifar100", "digits") and arg:
+        raise UserError(f"--dataset {kind} takes no path; use imagefolder:{arg} for a folder")
+    if kind in ("imagefolder", "tiny-imagenet", "hf") and not arg:
+        raise UserError(f"--dataset {kind} needs a path or id: {kind}:<path>")
+    if kind == "digits":
+        data = read_digits(split, seed)
+    elif kind in ("cifar10", "cifar100"):
+        data = read_cifar(kind, split, data_root)
+    elif kind in ("imagefolder", "tiny-imagenet", "hf"):
+        data = cached_read(kind, arg, split, data_root, storage_size, skip_bad_images, seed,
+                           image_column, label_column, cache)
+    else:
+        raise UserError(f"unknown dataset {spec!r}; use digits, cifar10, cifar100, imagefolder:<dir>, "
+                        "tiny-imagenet:<dir>, or hf:<hub id>")
+    if len(data) == 0:
+        raise UserError(f"the {split} split of {spec} is empty; check the path and its layout")
+    if max_per_class:
+        data = data.subset(class_balanced_subset(data.labels, max_per_class, seed))
+    return data
+
+
+def cached_read(kind, arg, split, data_root, storage_size, skip_bad, seed, image_column, label_column, cache):
+    def read():
+        if kind == "imagefolder":
+            return read_imagefolder(arg, split, storage_size, skip_bad, seed)
+        if kind == "tiny-imagenet":
+            return read_tiny_imagenet(arg, split, storage_size, skip_bad)
+        return read_hf(arg, split, storage_size, image_column, label_column)
+
+    if not cache or (kind != "hf" and not os.path.exists(arg)):
+        return read()
+    stat = os.stat(arg) if os.path.exists(arg) else None
+    key = json.dumps([kind, os.path.abspath(arg) if stat else arg, stat and stat.st_size, stat and stat.st_mtime_ns,
+                      split, storage_size, skip_bad, seed, image_column, label_column, 1])
+    path = os.path.join(data_root, "cache", hashlib.sha256(key.encode()).hexdigest()[:16] + ".safetensors")
+    if os.path.isfile(path):
+        try:
+            return _load_cached(path)
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            pass
+    data = read()
+    try:
+        _save_cached(path, data)
+    except OSError:  # a read-only data root only costs the cache
+        pass
+    return data
+
+
+def _save_cached(path, data):
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    meta = {"classes": json.dumps(data.classes), "skipped": str(data.skipped)}
+    save_file({"images": data.images.contiguous(), "labels": data.labels}, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def _load_cached(path):
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        return ImageSet(f.get_tensor("images"), f.get_tensor("labels"), json.loads(meta["classes"]),
+                        int(meta["skipped"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batched augmentation (any device)
+
+
+def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 or [0, 1] float (B, 3, H, W) -> float normalised by the ImageNet mean and std."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def eval_transform(images, image_size):
+    """Deterministic: resize whole images to image_size (antialiased), then normalise."""
+    x = images.float()
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    return normalize(x / 255.0 if images.dtype == torch.uint8 else x)
+
+
+class RandomResizedCropFlip:
+    """torchvision's RandomResizedCrop + horizontal flip + normalisation, for a whole batch at once.
+
+    Each image gets its own box (area fraction ~ U(scale), log aspect ~ U(log ratio), first of 10 tries
+    that fits, else the whole image) and flip; one `grid_sample` resamples all of them bilinearly. Boxes
+    are continuous (sub-pixel), which is what the resampling does anyway."""
+
+    def __init__(self, size, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3), flip=True, tries=10):
+        self.size, self.scale, self.ratio, self.flip, self.tries = size, scale, ratio, flip, tries
+
+    def sample_params(self, batch, height, width, generator):
+        """Boxes (B, 4) as (top, left, height, width) in pixels (float) and flips (B,) bool."""
+        device = generator.device
+        u = torch.rand((4, batch, self.tries), generator=generator, device=device)
+        area = (self.scale[0] + u[0] * (self.scale[1] - self.scale[0])) * height * width
+        log_r = math.log(self.ratio[0]) + u[1] * (math.log(self.ratio[1]) - math.log(self.ratio[0]))
+        w = torch.sqrt(area * log_r.exp())
+        h = torch.sqrt(area / log_r.exp())
+        fits = (w <= width) & (h <= height)
+        first = torch.where(fits.any(1), fits.float().argmax(1), 0)  # first try that fits
+        pick = lambda t: t.gather(1, first[:, None]).squeeze(1)
+        ok = fits.any(1)
+        h = torch.where(ok, pick(h), float(height))
+        w = torch.where(ok, pick(w), float(width))
+        top = torch.where(ok, pick(u[2]) * (height - h), 0.0)
+        left = torch.where(ok, pick(u[3]) * (width - w), 0.0)
+        flips = torch.rand(batch, generator=generator, device=device) < 0.5 if self.flip else torch.zeros(
+            batch, dtype=torch.bool, device=device)
+        return torch.stack([top, left, h, w], 1), flips
+
+    def apply(self, images, boxes, flips):
+        """images (B, 3, H, W) uint8 or float in [0, 255] -> (B, 3, size, size) normalised float."""
+        B, _, H, W = images.shape
+        top, left, h, w = boxes.float().unbind(1)
+        sign = 1.0 - 2.0 * flips.float()
+        theta = torch.zeros(B, 2, 3, device=images.device)
+        theta[:, 0, 0] = w / W * sign
+        theta[:, 0, 2] = (2 * left + w) / W - 1
+        theta[:, 1, 1] = h / H
+        theta[:, 1, 2] = (2 * top + h) / H - 1
+        grid = F.affine_grid(theta, (B, 3, self.size, self.size), align_corners=False)
+        x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return normalize(x / 255.0)
+
+    def __call__(self, images, generator):
+        boxes, flips = self.sample_params(images.shape[0], images.shape[-2], images.shape[-1], generator)
+        return self.apply(images, boxes, flips)
+
+
+def step_generator(seed, step, rank=0, device="cpu"):
+    """A generator for one training step: randomness is a pure function of (seed, rank, step), so a
+    resumed run draws exactly what an uninterrupted one would, with no generator state to save."""
+    mixed = (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+class InMemoryBatches:
+    """Batches of a uint8 ImageSet for one process: a seeded permutation per epoch, split across
+    processes by rank, augmented on the device that holds the images (the GPU with --data-on-gpu)."""
+
+    def __init__(self, data, batch_size, augment, device, seed=0, rank=0, world_size=1, data_on_device=True):
+        self.per_process = len(data) // world_size
+        if batch_size > self.per_process:
+            raise UserError(f"batch size {batch_size} is larger than the {self.per_process} images each process "
+                            f"gets from a split of {len(data)}; lower --batch-size")
+        self.images = data.images.to(device) if data_on_device else data.images
+        self.labels = data.labels
+        self.batch_size, self.augment, self.device = batch_size, augment, device
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self._order = (None, None)  # (epoch, this process's order) of the last epoch asked for
+
+    def __len__(self):
+        return self.per_process // self.batch_size
+
+    def epoch_order(self, epoch):
+        if self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.labels), generator=generator)
+            self._order = (epoch, order[self.rank: self.per_process * self.world_size: self.world_size])
+        return self._order[1]
+
+    def batch(self, epoch, index, step):
+        """The index-th batch of an epoch, augmented with the step's own generator."""
+        order = self.epoch_order(epoch)[index * self.batch_size: (index + 1) * self.batch_size]
+        images = self.images[order.to(self.images.device)].to(self.device, non_blocking=True)
+        generator = step_generator(self.seed, step, self.rank, self.device)
+        return self.augment(images, generator), self.labels[order]

@@ -283,3 +283,17 @@ def test_eval_transform_resizes_and_normalises():
     assert out.shape == (2, 3, 32, 32)
     torch.testing.assert_close(out[:, :, 0, 0], normalize(torch.ones(2, 3, 1, 1))[:, :, 0, 0])
     assert data.IMAGENET_MEAN[0] == 0.485
+
+
+def test_hf_dataset_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    images = [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(4)]
+    features = datasets.Features({"picture": datasets.Image(),
+                                  "kind": datasets.ClassLabel(names=["even", "odd"])})
+    split = datasets.Dataset.from_dict({"picture": images, "kind": [0, 1, 0, 1]}, features=features)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "hfdata"))
+    loaded = load_split(f"hf:{tmp_path / 'hfdata'}", "train", data_root=str(tmp_path), storage_size=8)
+    assert loaded.classes == ["even", "odd"] and loaded.labels.tolist() == [0, 1, 0, 1]
+    assert loaded.images.shape == (4, 3, 8, 8) and int(loaded.images[3, 0, 0, 0]) == 120
+    with pytest.raises(UserError, match="--image-column"):
+        load_split(f"hf:{tmp_path / 'hfdata'}", "test", data_root=str(tmp_path), image_column="nope", cache=False)

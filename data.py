@@ -171,31 +171,40 @@ def decode_all(entries, size, skip_bad):
 # Readers: each returns (images list or tensor, labels, classes, skipped)
 
 
+def imagefolder_place(rel):
+    """(split folder or None, class name or None) of an image path inside an image folder."""
+    parts = rel.split("/")
+    for i, part in enumerate(parts[:-2]):
+        if part in ("train", "test", "val"):
+            return part, parts[i + 1]
+    return None, parts[-2] if len(parts) >= 2 else None
+
+
+def imagefolder_classes(path, has_splits):
+    """Sorted class names over all splits of an image folder, from file names alone."""
+    if os.path.isdir(path):
+        names = [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
+                 for root, _, files in os.walk(path) for f in files]
+    else:
+        with tarfile.open(path) as tar:
+            names = [m.name.lstrip("./") for m in tar if m.isfile()]
+    places = [imagefolder_place(rel) for rel in names if is_image(rel)]
+    return sorted({cls for where, cls in places if cls is not None and (where is not None) == has_splits})
+
+
 def read_imagefolder(path, split, size, skip_bad, seed):
     check_path(path, "imagefolder")
-    files = [(rel, data) for rel, data in iter_files(path, is_image)]
-    split_dirs = {"train": ("train",), "test": ("test", "val")}
-    has_splits = any(part == "train" for rel, _ in files for part in rel.split("/")[:-2])
-
-    def place(rel):  # (split folder or None, class name) of a file
-        parts = rel.split("/")
-        for i, part in enumerate(parts[:-2]):
-            if part in ("train", "test", "val"):
-                return part, parts[i + 1]
-        return None, parts[-2] if len(parts) >= 2 else None
-
-    chosen = []
-    for rel, data in files:
-        where, cls = place(rel)
-        if cls is None:
-            continue
-        if has_splits and where not in split_dirs[split]:
-            continue
-        chosen.append((rel, data, cls))
+    split_dirs = {"train": ("train",), "test": ("test", "val")}[split]
+    # Read only this split's files (and unsplit ones): the other split's bytes never enter memory.
+    wanted = lambda rel: is_image(rel) and imagefolder_place(rel)[0] in (None, *split_dirs)
+    chosen = [(rel, data, *imagefolder_place(rel)) for rel, data in iter_files(path, wanted)]
+    has_splits = any(where is not None for _, _, where, _ in chosen)
+    chosen = [(rel, data, cls) for rel, data, where, cls in chosen
+              if cls is not None and (where is not None or not has_splits)]
     if not chosen:
         raise UserError(f"no images for split {split!r} in {path}: expected <class>/<image> folders, "
                         "optionally under train/ and test/ (or val/)")
-    classes = sorted({cls for _, _, cls in chosen})
+    classes = imagefolder_classes(path, has_splits)  # from every split, so labels agree across splits
     entries = [(rel, data, classes.index(cls)) for rel, data, cls in chosen]
     images, labels, names, skipped = decode_all(entries, size, skip_bad)
     data = ImageSet(stack_images(images, names), torch.tensor(labels, dtype=torch.long), classes, skipped)
@@ -495,6 +504,10 @@ class RandomResizedCropFlip:
 
     def apply(self, images, boxes, flips):
         """images (B, 3, H, W) uint8 or float in [0, 255] -> (B, 3, size, size) normalised float."""
+        return normalize(self.resample(images, boxes, flips))
+
+    def resample(self, images, boxes, flips):
+        """The crops before normalisation: (B, 3, size, size) float in [0, 1] (for colour augmentation)."""
         B, _, H, W = images.shape
         top, left, h, w = boxes.float().unbind(1)
         sign = 1.0 - 2.0 * flips.float()
@@ -505,11 +518,57 @@ class RandomResizedCropFlip:
         theta[:, 1, 2] = (2 * top + h) / H - 1
         grid = F.affine_grid(theta, (B, 3, self.size, self.size), align_corners=False)
         x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return normalize(x / 255.0)
+        return x / 255.0
 
     def __call__(self, images, generator):
         boxes, flips = self.sample_params(images.shape[0], images.shape[-2], images.shape[-1], generator)
         return self.apply(images, boxes, flips)
+
+
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
+
+
+def luminance(x):
+    """(B, 3, H, W) RGB -> (B, 1, H, W) grey level."""
+    return torch.einsum("bchw,c->bhw", x, torch.tensor(LUMA_WEIGHTS, device=x.device, dtype=x.dtype))[:, None]
+
+
+class ColourJitter:
+    """Batched colour distortion of [0, 1] images (B, 3, H, W), each image with its own random draw:
+    with probability p, brightness, contrast and saturation factors ~ U(1 - s, 1 + s) and a hue shift of
+    U(-hue, hue) turns, in that order, each result clipped to [0, 1]; then greyscale with probability
+    p_grey. The hue shift rotates the chroma plane of YIQ space, a cheap stand-in for torchvision's HSV
+    shift; torchvision also shuffles the order of the four steps."""
+
+    def __init__(self, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8, p_grey=0.2):
+        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+        self.p, self.p_grey = p, p_grey
+
+    def __call__(self, x, generator):
+        B = x.shape[0]
+        u = torch.rand((6, B, 1, 1, 1), generator=generator, device=generator.device).to(x.device)
+        factor = lambda r, strength: 1.0 + (2.0 * r - 1.0) * strength
+        y = (x * factor(u[0], self.brightness)).clamp(0, 1)
+        mean_grey = luminance(y).mean((2, 3), keepdim=True)
+        y = ((y - mean_grey) * factor(u[1], self.contrast) + mean_grey).clamp(0, 1)
+        grey = luminance(y)
+        y = ((y - grey) * factor(u[2], self.saturation) + grey).clamp(0, 1)
+        y = rotate_hue(y, (2.0 * u[3] - 1.0) * self.hue * 2 * math.pi).clamp(0, 1)
+        x = torch.where(u[4] < self.p, y, x)
+        return torch.where(u[5] < self.p_grey, luminance(x).expand_as(x), x)
+
+
+RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+def rotate_hue(x, angle):
+    """Rotate the chroma (I, Q) of (B, 3, H, W) RGB images by angle (B, 1, 1, 1) radians."""
+    to_yiq = torch.tensor(RGB_TO_YIQ, device=x.device, dtype=x.dtype)
+    yiq = torch.einsum("ij,bjhw->bihw", to_yiq, x)
+    cos, sin = angle.cos(), angle.sin()
+    i, q = yiq[:, 1:2], yiq[:, 2:3]
+    yiq = torch.cat([yiq[:, :1], cos * i - sin * q, sin * i + cos * q], dim=1)
+    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_yiq), yiq)
 
 
 def step_generator(seed, step, rank=0, device="cpu"):

@@ -297,3 +297,12 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     assert loaded.images.shape == (4, 3, 8, 8) and int(loaded.images[3, 0, 0, 0]) == 120
     with pytest.raises(UserError, match="--image-column"):
         load_split(f"hf:{tmp_path / 'hfdata'}", "test", data_root=str(tmp_path), image_column="nope", cache=False)
+
+
+def test_imagefolder_labels_agree_across_splits_when_a_class_is_missing_from_one(tmp_path):
+    root = make_imagefolder(tmp_path / "pets")
+    save_image(root / "train" / "emu" / "0.png", size=(16, 16))
+    train = load_split(f"imagefolder:{root}", "train", data_root=str(tmp_path), storage_size=8, cache=False)
+    test = load_split(f"imagefolder:{root}", "test", data_root=str(tmp_path), storage_size=8, cache=False)
+    assert train.classes == test.classes == ["cat", "dog", "emu"]
+    assert sorted(set(test.labels.tolist())) == [0, 1]

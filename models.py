@@ -94,11 +94,29 @@ def vit_config(preset="tiny", **overrides):
 
 def config_from_dict(cls, values):
     """Build a config dataclass from a dict, refusing unknown keys (typos must not pass silently)."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{cls.__name__} settings must be a mapping, got {values!r:.80}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys are {sorted(known)}")
+    for f in fields(cls):  # a damaged or hand-edited config.json: name the field, not a failure deep in a layer
+        value = values.get(f.name, f.default)
+        if not _fits_type(value, f.type):
+            raise ValueError(f"{cls.__name__}.{f.name} = {value!r} is not a valid {f.type.__name__}")
+        if f.type is int and value < 1:  # every int of a config is a size or a count
+            raise ValueError(f"{cls.__name__}.{f.name} = {value!r} must be a positive integer")
     return cls(**values)
+
+
+def _fits_type(value, kind):
+    if isinstance(value, bool) or kind is bool:  # bool is an int subclass: True is no depth
+        return isinstance(value, bool) and kind is bool
+    if kind is int:
+        return isinstance(value, int)
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, str) if kind is str else True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,7 +251,8 @@ def run_blocks(blocks, x, grad_checkpointing=False):
 def init_transformer_weights(module, blocks, std=0.02):
     """The one init: truncated normal for Linear/Conv weights, zero biases, unit LayerNorms, then the
     residual output projections of block i (1-based) divided by sqrt(2 i), as in the official code's
-    `fix_init_weight`, and never overwritten afterwards."""
+    `fix_init_weight`, and never overwritten afterwards. The truncation bounds are +-2 in absolute value,
+    as in the official and timm code: at std 0.02 that is a plain normal in practice."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.trunc_normal_(m.weight, std=std)
@@ -251,8 +270,10 @@ def init_transformer_weights(module, blocks, std=0.02):
 class PatchEmbed(nn.Module):
     """Images (B, C, H, W) -> tokens (B, N, D) by a strided convolution, optionally after a conv stem.
 
-    The stem ("conv") halves the resolution log2(patch) times with 3x3 stride-2 convolutions and GELUs,
-    then `proj` is a 1x1 convolution; it needs a power-of-two patch size."""
+    The stem ("conv") halves the resolution log2(patch) times with 2x2 stride-2 convolutions and GELUs,
+    then `proj` is a 1x1 convolution; it needs a power-of-two patch size. Its kernels never straddle a
+    patch border, so a token sees only its own patch's pixels: with overlapping (3x3) kernels a context
+    token would see into the neighbouring target patches, and the masking would leak."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -266,7 +287,7 @@ class PatchEmbed(nn.Module):
         layers, channels = [], cfg.in_chans
         for step in range(steps):
             width = max(cfg.embed_dim // 2 ** (steps - step), 16)
-            layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.GELU()]
+            layers += [nn.Conv2d(channels, width, 2, stride=2), nn.GELU()]
             channels = width
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(channels, cfg.embed_dim, 1)
@@ -439,6 +460,115 @@ class IJEPA(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
+# PI-JEPA: the latent pyramid and bidirectional cross-scale prediction
+#
+#   level 2   (G/4)^2 cells   LN(2x2 mean of level-1 cells)               2x2 on an 8x8 grid
+#   level 1   (G/2)^2 cells   LN(2x2 mean of level-0 tokens)              4x4
+#   level 0   G x G patches   LN(target-encoder tokens), I-JEPA's target  8x8
+# One predictor sequence per target group: [context tokens of every level | mask tokens of group m at
+# every target level], each token at its cell centre (fine-grid coordinates) plus its level embedding.
+
+
+def pyramid_pool(tokens, grid_size, levels):
+    """(B, G*G, D) fine tokens -> (B, P, D) latent pyramid in pyramid index order: level 0 is the input,
+    level l the 2 x 2 average pool of level l-1 on the grid, layer-normed (no affine) again."""
+    B, _, D = tokens.shape
+    out, x = [tokens], tokens
+    for level in range(1, levels):
+        g = grid_size // 2 ** (level - 1)
+        grid = x.transpose(1, 2).reshape(B, D, g, g)  # (B, D, g, g)
+        x = F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)  # (B, (g/2)^2, D)
+        x = F.layer_norm(x, (D,))
+        out.append(x)
+    return torch.cat(out, dim=1)
+
+
+def pyramid_parents(grid_size, levels):
+    """(L, G*G) long: the pyramid index of the level-l cell holding each fine patch (row 0: the patch)."""
+    offsets = pyramid_offsets(grid_size, levels)
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    return torch.stack([offsets[level] + (rows >> level) * (grid_size >> level) + (cols >> level)
+                        for level in range(levels)])
+
+
+class PyramidIJEPA(IJEPA):
+    """PI-JEPA: I-JEPA's encoders and predictor on a latent pyramid of L levels (Predictor levels = L).
+
+    Targets: the latent pyramid (`pyramid_pool`) of the layer-normed target-encoder tokens. Context: the
+    encoder runs once on the Kc_0 visible fine patches; a coarse context token is the mean of the encoder's
+    outputs over those of its fine patches (masks.PyramidMaskSampler only names cells holding at least one).
+    Prediction: target group m (block m at every level that carries targets) is one predictor sequence
+    with the context tokens of every level, so with L = 1 this is exactly IJEPA (one sequence per block)
+    and blocks stay independent as in I-JEPA. predict_per="sample" instead puts all M groups of a sample
+    in one sequence (the issue's wording), where targets of one block also attend to the others' queries.
+    Loss: sum over target levels of level_weights[l] * loss_l, each loss_l logged as "loss_l{l}".
+    """
+
+    def __init__(self, encoder_cfg: ViTConfig, predictor_cfg: PredictorConfig, loss="smooth_l1",
+                 level_weights=None, predict_per="block"):
+        super().__init__(encoder_cfg, predictor_cfg, loss)
+        levels = predictor_cfg.levels
+        if predictor_cfg.grid_size != encoder_cfg.grid_size:
+            raise ValueError(f"predictor grid {predictor_cfg.grid_size} differs from the encoder's "
+                             f"{encoder_cfg.grid_size}")
+        self.level_weights = tuple(level_weights or [1.0] * levels)
+        if len(self.level_weights) != levels:
+            raise ValueError(f"{len(self.level_weights)} level weights for {levels} levels; give one per level")
+        if predict_per not in ("block", "sample"):
+            raise ValueError(f"predict_per must be 'block' or 'sample', got {predict_per!r}")
+        self.predict_per = predict_per
+        self.register_buffer("parents", pyramid_parents(encoder_cfg.grid_size, levels), persistent=False)
+        self.num_cells = pyramid_offsets(encoder_cfg.grid_size, levels)[-1]
+
+    @property
+    def levels(self):
+        return self.predictor.cfg.levels
+
+    @torch.no_grad()
+    def targets(self, images, target_idx):
+        """Latent-pyramid tokens at pyramid cells target_idx: (B, M, Kt, D), no gradient."""
+        h = self.target_encoder(images)
+        h = pyramid_pool(F.layer_norm(h, h.shape[-1:]), self.encoder.cfg.grid_size, self.levels)
+        return gather_tokens(h, target_idx)
+
+    def context(self, images, context_idx, num_fine=None):
+        """(B, Kc, D) context tokens at pyramid cells context_idx, whose first num_fine (default: all) are
+        fine patches, the only ones the encoder sees; the rest are coarse cells, each the mean of its seen
+        patches."""
+        num_fine = context_idx.shape[1] if num_fine is None else num_fine
+        fine_idx = context_idx[:, :num_fine]
+        fine = self.encoder(images, keep=fine_idx)  # (B, Kc_0, D)
+        if context_idx.shape[1] == num_fine:
+            return fine
+        B, _, D = fine.shape
+        cells = self.parents[1:, fine_idx].transpose(0, 1).reshape(B, -1)  # (B, (L-1) Kc_0) coarse cells
+        src = fine.repeat(1, self.levels - 1, 1)  # (B, (L-1) Kc_0, D), matching `cells`
+        sums = fine.new_zeros(B, self.num_cells, D).scatter_add(1, cells[..., None].expand(-1, -1, D), src)
+        counts = fine.new_zeros(B, self.num_cells).scatter_add(1, cells, torch.ones_like(cells, dtype=fine.dtype))
+        means = sums / counts.clamp_min(1)[..., None]  # (B, P, D); cells without a seen patch stay 0
+        return torch.cat([fine, gather_tokens(means, context_idx[:, num_fine:])], dim=1)
+
+    def forward(self, images, context_idx, target_idx, context_sizes, target_sizes):
+        """context_idx (B, sum Kc_l), target_idx (B, M, sum Kt_l) in pyramid index space, each level in a
+        fixed-length slice (sizes per level; see masks.PyramidMasks). Returns the loss and a log dict."""
+        B, M, Kt = target_idx.shape
+        target = self.targets(images, target_idx)  # (B, M, Kt, D)
+        context = self.context(images, context_idx, context_sizes[0])
+        groups = target_idx if self.predict_per == "block" else target_idx.reshape(B, 1, M * Kt)
+        pred = self.predictor(context, context_idx, groups).reshape(B, M, Kt, -1)
+        loss, info, start = 0.0, {}, 0
+        for level, (size, weight) in enumerate(zip(target_sizes, self.level_weights)):
+            if size == 0:
+                continue
+            level_loss = self.prediction_loss(pred[:, :, start:start + size], target[:, :, start:start + size])
+            loss = loss + weight * level_loss
+            info[f"loss_l{level}"] = level_loss.detach()
+            start += size
+        return loss, {"loss": loss.detach(), **info}
+
+
+# ----------------------------------------------------------------------------------------------------
 # Loading our own output folders (config.json + model.safetensors)
 
 
@@ -448,9 +578,12 @@ def read_run_config(folder):
         raise FileNotFoundError(f"{folder} has no config.json: pass the --out folder of a training run")
     try:
         with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the run folder is damaged") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a mapping of settings; the run folder is damaged")
+    return config
 
 
 def read_weights(folder):
@@ -487,19 +620,401 @@ def split_state(state, prefix):
 
 
 def encoder_config_of(run_config):
-    return config_from_dict(ViTConfig, run_config["encoder"])
+    return config_from_dict(ViTConfig, run_config.get("encoder"))
 
 
-def load_encoder(path, which="target"):
-    """An encoder (eval mode) from one of our output folders; `which` is "target" or "context"."""
+def check_checkpoint_path(path, config):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: pass a run folder or an official .pth.tar checkpoint")
+    if config is not None and not is_official_checkpoint(path):
+        raise ValueError(f"a config ({config}) is only for official .pth.tar checkpoints; {path} is a run folder, "
+                         "whose config.json describes it")
+
+
+def load_encoder(path, which="target", config=None):
+    """An encoder (eval mode) from one of our output folders, or from an official I-JEPA checkpoint file
+    (`config`: its yaml, by default the one beside it). `which`: "target" (the EMA encoder, which the paper
+    evaluates) or "context"."""
     if which not in ("target", "context"):
         raise ValueError(f"which must be 'target' or 'context', got {which!r}")
+    check_checkpoint_path(path, config)
+    if is_official_checkpoint(path):
+        return load_official_encoder(path, which, config)
     encoder = VisionTransformer(encoder_config_of(read_run_config(path)))
     prefix = "target_encoder." if which == "target" else "encoder."
     return load_state_strict(encoder, split_state(read_weights(path), prefix), "encoder").eval()
 
 
-def load_predictor(path):
-    """The predictor from one of our output folders."""
+def load_predictor(path, config=None):
+    """The predictor (eval mode) from one of our output folders or an official I-JEPA checkpoint file."""
+    check_checkpoint_path(path, config)
+    if is_official_checkpoint(path):
+        return load_official_predictor(path, config)
     predictor = Predictor(config_from_dict(PredictorConfig, read_run_config(path)["predictor"]))
     return load_state_strict(predictor, split_state(read_weights(path), "predictor."), "predictor").eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Official I-JEPA checkpoints (facebookresearch/ijepa)
+#
+# A released file (e.g. IN1K-vit.h.14-300e.pth.tar) is a torch.save'd dict: "encoder", "predictor" and
+# "target_encoder" state dicts saved under DistributedDataParallel (every key starts with "module."), plus
+# training state ("opt", "scaler", "epoch", "loss", "batch_size", "world_size", "lr"). The architecture is
+# in the run's yaml (meta.model_name, mask.patch_size, data.crop_size, meta.pred_depth, meta.pred_emb_dim).
+# Parameter and buffer names equal ours, so loading is: read without unpickling code, strip the prefix,
+# rebuild the configs from the yaml, load strictly.
+
+OFFICIAL_PREFIX = "module."
+OFFICIAL_ENCODER_KEYS = {"target": "target_encoder", "context": "encoder"}
+OFFICIAL_PREDICTOR_MLP_RATIO = 4.0  # fixed in the official vit_predictor
+OFFICIAL_LAYER_NORM_EPS = 1e-6
+# Our addition under the yaml's `meta`, written only for shapes the official keys cannot name (a depth or
+# head count other than the preset's); Meta's code reads keys by name and ignores it.
+ARCHITECTURE_OVERRIDES = ("depth", "num_heads", "mlp_ratio", "pred_num_heads", "pred_mlp_ratio")
+CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar")
+
+
+def is_official_checkpoint(path):
+    """Official checkpoints are single files; our runs are folders."""
+    return os.path.isfile(path)
+
+
+def official_yaml_beside(path):
+    """The yaml of an official checkpoint when none is given: FILE.yaml beside FILE.pth.tar (what
+    export_official writes), else the only .yaml/.yml file in the same folder."""
+    stem = checkpoint_stem(path)
+    for candidate in (stem + ".yaml", stem + ".yml"):
+        if os.path.isfile(candidate):
+            return candidate
+    folder = os.path.dirname(os.path.abspath(path))
+    found = sorted(f for f in os.listdir(folder) if f.endswith((".yaml", ".yml")))
+    if len(found) == 1:
+        return os.path.join(folder, found[0])
+    problem = f"several yaml files beside it ({', '.join(found)})" if found else "no yaml beside it"
+    raise ValueError(f"{path} is an official checkpoint with {problem}: pass its run's yaml "
+                     "(config=..., --backbone-config), e.g. configs/in1k_vith14_ep300.yaml from facebookresearch/ijepa")
+
+
+def import_yaml():
+    try:
+        import yaml
+    except ImportError:
+        raise ValueError("official I-JEPA yaml files need PyYAML: pip install pyyaml") from None
+    return yaml
+
+
+def read_official_yaml(path):
+    yaml = import_yaml()
+    try:
+        with open(path) as f:
+            settings = yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e.strerror}); check the config path") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("meta"), dict):
+        raise ValueError(f"{path} is not an official I-JEPA yaml: it has no `meta:` section with model_name")
+    return settings
+
+
+def official_configs(settings, source="the yaml"):
+    """(ViTConfig, PredictorConfig) from official yaml settings, with the official init_model's defaults.
+    The predictor has the encoder's head count and an MLP ratio of 4, as in the official code."""
+    section = lambda name: settings.get(name) or {}
+    name = section("meta").get("model_name")
+    preset = str(name).removeprefix("vit_")
+    if preset not in VIT_PRESETS:
+        raise ValueError(f"{source}: meta.model_name {name!r} is not an official model; use one of "
+                         f"{', '.join('vit_' + p for p in VIT_PRESETS)}")
+    overrides = dict(section("meta").get("architecture") or {})
+    unknown = sorted(set(overrides) - set(ARCHITECTURE_OVERRIDES))
+    if unknown:
+        raise ValueError(f"{source}: unknown meta.architecture keys {unknown}; known: {list(ARCHITECTURE_OVERRIDES)}")
+    encoder = vit_config(preset, img_size=section("data").get("crop_size", 224),
+                         patch_size=section("mask").get("patch_size", 16), depth=overrides.get("depth"),
+                         num_heads=overrides.get("num_heads"), mlp_ratio=overrides.get("mlp_ratio"),
+                         layer_norm_eps=OFFICIAL_LAYER_NORM_EPS)
+    predictor = PredictorConfig(
+        embed_dim=encoder.embed_dim, pred_dim=section("meta").get("pred_emb_dim", 384),
+        depth=section("meta").get("pred_depth", 6), num_heads=overrides.get("pred_num_heads", encoder.num_heads),
+        mlp_ratio=overrides.get("pred_mlp_ratio", OFFICIAL_PREDICTOR_MLP_RATIO), grid_size=encoder.grid_size,
+        layer_norm_eps=OFFICIAL_LAYER_NORM_EPS)
+    return encoder, predictor
+
+
+def official_settings(encoder, predictor):
+    """The inverse of official_configs: the yaml settings that rebuild these configs."""
+    preset = next((p for p, (width, *_) in VIT_PRESETS.items() if width == encoder.embed_dim), None)
+    problems = [text for bad, text in (
+        (preset is None, f"width {encoder.embed_dim} is none of the official widths "
+                         f"{[w for w, *_ in VIT_PRESETS.values()]}"),
+        (encoder.patch_embed != "strided", "a conv patch stem"), (not encoder.qkv_bias, "no qkv bias"),
+        (encoder.in_chans != 3, f"{encoder.in_chans} input channels"),
+        (predictor.levels != 1, f"a {predictor.levels}-level PI-JEPA predictor"),
+        ({encoder.layer_norm_eps, predictor.layer_norm_eps} != {OFFICIAL_LAYER_NORM_EPS},
+         "a LayerNorm eps other than 1e-6")) if bad]
+    if problems:
+        raise ValueError(f"the official layout cannot hold this model ({'; '.join(problems)}); "
+                         "export a strided-patch, single-level model of an official width")
+    _, depth, heads, mlp_ratio = VIT_PRESETS[preset]
+    architecture = {key: value for key, value, official in (
+        ("depth", encoder.depth, depth), ("num_heads", encoder.num_heads, heads),
+        ("mlp_ratio", encoder.mlp_ratio, mlp_ratio), ("pred_num_heads", predictor.num_heads, encoder.num_heads),
+        ("pred_mlp_ratio", predictor.mlp_ratio, OFFICIAL_PREDICTOR_MLP_RATIO)) if value != official}
+    meta = {"model_name": "vit_" + preset, "pred_depth": predictor.depth, "pred_emb_dim": predictor.pred_dim}
+    if architecture:
+        meta["architecture"] = architecture
+    return {"meta": meta, "mask": {"patch_size": encoder.patch_size}, "data": {"crop_size": encoder.img_size}}
+
+
+def read_official_checkpoint(path):
+    """The checkpoint dict, read with weights_only=True: tensors and plain containers only, so a file that
+    would run code when unpickled is refused, never executed. Zip-format files are memory-mapped."""
+    import pickle
+    import zipfile
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        reason = str(e).partition("WeightsUnpickler error: ")[2].split(". ")[0] or str(e).splitlines()[0]
+        raise ValueError(f"refusing to load {path}: it holds pickled objects that are not weights and could run "
+                         f"code ({reason}); use a checkpoint from the official release or export_official") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is unreadable ({str(e).splitlines()[0]}); it is truncated or not a torch "
+                         "checkpoint") from None
+    if not isinstance(checkpoint, dict) or not set(OFFICIAL_ENCODER_KEYS.values()) & set(checkpoint):
+        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path} is not an official I-JEPA checkpoint: expected 'encoder', 'predictor' and "
+                         f"'target_encoder' state dicts, found {found}")
+    return checkpoint
+
+
+def official_state(checkpoint, key, path):
+    """One state dict of an official checkpoint, with the DistributedDataParallel prefix removed."""
+    if not isinstance(checkpoint.get(key), dict):
+        raise ValueError(f"{path} has no {key!r} weights (it has {sorted(checkpoint)}); "
+                         "choose another encoder (which=..., --backbone-encoder)")
+    return {k.removeprefix(OFFICIAL_PREFIX): v for k, v in checkpoint[key].items()}
+
+
+def official_setup(path, config):
+    """(encoder config, predictor config, a name for messages) of an official checkpoint."""
+    config = config or official_yaml_beside(path)
+    encoder_cfg, predictor_cfg = official_configs(read_official_yaml(config), config)
+    return encoder_cfg, predictor_cfg, f"official {os.path.basename(path)} (architecture from {config})"
+
+
+def load_official_encoder(path, which="target", config=None):
+    encoder_cfg, _, name = official_setup(path, config)
+    state = official_state(read_official_checkpoint(path), OFFICIAL_ENCODER_KEYS[which], path)
+    return load_state_strict(VisionTransformer(encoder_cfg), state, f"{name} encoder").eval()
+
+
+def load_official_predictor(path, config=None):
+    _, predictor_cfg, name = official_setup(path, config)
+    state = official_state(read_official_checkpoint(path), "predictor", path)
+    return load_state_strict(Predictor(predictor_cfg), state, f"{name} predictor").eval()
+
+
+def last_metrics(folder):
+    """The last record of a run's metrics.jsonl ({} when there is none)."""
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    try:
+        return json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:  # a line cut by a crash
+        return {}
+
+
+def export_official(folder, path):
+    """Write one of our runs as an official I-JEPA checkpoint at `path` (e.g. out.pth.tar) and its yaml
+    beside it (out.yaml); returns the yaml's path. Weights and run facts only: the optimiser state stays in
+    the run's checkpoints/ ("opt" and "scaler" are None: Meta's training code loads the weights, logs that it
+    cannot load the optimiser, and starts it afresh)."""
+    yaml = import_yaml()
+    config = read_run_config(folder)
+    if "encoder" not in config or "predictor" not in config:
+        raise ValueError(f"{folder} is not an I-JEPA run (its config.json has no encoder and predictor); export "
+                         "the --out folder of train_ijepa.py")
+    encoder_cfg = encoder_config_of(config)
+    settings = official_settings(encoder_cfg, config_from_dict(PredictorConfig, config["predictor"]))
+    weights = read_weights(folder)
+    checkpoint = {key: {OFFICIAL_PREFIX + k: v for k, v in split_state(weights, key + ".").items()}
+                  for key in ("encoder", "predictor", "target_encoder")}
+    last = last_metrics(folder)
+    checkpoint.update(opt=None, scaler=None, epoch=int(last.get("epoch", 0)), loss=last.get("loss"),
+                      batch_size=config.get("args", {}).get("batch_size"), world_size=config.get("world_size", 1),
+                      lr=last.get("lr"))
+    yaml_path = checkpoint_stem(path) + ".yaml"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    replace_file(path, lambda f: torch.save(checkpoint, f))
+    replace_file(yaml_path, lambda f: f.write(yaml.safe_dump(settings).encode()))
+    return yaml_path
+
+
+def checkpoint_stem(path):
+    """FILE for FILE.pth.tar (or .pth, .pt, .tar)."""
+    return next((path[: -len(s)] for s in CHECKPOINT_SUFFIXES if path.endswith(s)), path)
+
+
+def replace_file(path, write):
+    """write(binary file) into a temporary file, then rename it over path: readers never see half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hierarchical head (train_hierarchical_predictor.py): a small head on a frozen backbone's features from
+# several depths. Each depth's tokens are mean-pooled (or kept per token), the depths are combined by a
+# learned weighted sum or by concatenation and a projection, then the study's head maps
+# x -> x + Linear(GELU(Linear(x))) -> LayerNorm -> Linear.
+
+HEAD_AGGREGATIONS = ("weighted-sum", "concat")
+
+
+@dataclass
+class HeadConfig:
+    embed_dim: int = 192  # the backbone's width D: the head maps (..., L, D) -> (..., D)
+    layers: tuple = (-1, -4, -8)  # backbone blocks read (negative counts from the end)
+    aggregation: str = "weighted-sum"
+    hidden: int = 512
+
+    def __post_init__(self):
+        self.layers = tuple(self.layers)  # a list when read back from config.json
+        if not self.layers:
+            raise ValueError("the head needs at least one backbone layer (--layers)")
+        if self.aggregation not in HEAD_AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}; use one of {', '.join(HEAD_AGGREGATIONS)}")
+
+
+class HierarchicalHead(nn.Module):
+    """(..., L, D) backbone features -> (..., D). Each layer's features are first standardised with fixed
+    per-dimension statistics of the training images (`set_input_statistics`): mean-pooled ViT features
+    share one dominant direction (mean cosine between two images' last-layer features: 0.84 for a small
+    Tiny-ImageNet backbone, 0.99 on digits), which leaves a cosine objective little to learn from."""
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, L = cfg.embed_dim, len(cfg.layers)
+        self.register_buffer("input_mean", torch.zeros(L, D))
+        self.register_buffer("input_std", torch.ones(L, D))
+        if cfg.aggregation == "weighted-sum":
+            self.layer_logits = nn.Parameter(torch.zeros(L))  # softmax weights, uniform at the start
+        else:
+            self.layer_proj = nn.Linear(L * D, D)
+        self.fc1 = nn.Linear(D, cfg.hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(cfg.hidden, D)
+        self.norm = nn.LayerNorm(D)
+        self.out = nn.Linear(D, D)
+        init_transformer_weights(self, blocks=[])
+
+    @torch.no_grad()
+    def set_input_statistics(self, features):
+        """Measure the standardisation from (N, L, D) pooled features of training images."""
+        self.input_mean.copy_(features.mean(0))
+        self.input_std.copy_(features.std(0).clamp_min(1e-6))
+
+    def aggregate(self, features):
+        """(..., L, D) features of L backbone depths -> (..., D)."""
+        features = (features - self.input_mean.to(features.dtype)) / self.input_std.to(features.dtype)
+        if self.cfg.aggregation == "weighted-sum":
+            return torch.einsum("...ld,l->...d", features, self.layer_logits.softmax(0).to(features.dtype))
+        return self.layer_proj(features.flatten(-2))
+
+    def forward(self, features):
+        x = self.aggregate(features)
+        x = x + self.fc2(self.act(self.fc1(x)))
+        return self.out(self.norm(x))
+
+
+def layer_features(backbone, images, layers, keep=None):
+    """(B, K, L, D): the backbone's tokens after each block in `layers` (through its final LayerNorm)."""
+    return torch.stack(backbone.forward_intermediates(images, layers, keep=keep), dim=2)
+
+
+def pooled_layer_features(backbone, images, layers):
+    """(B, L, D): each layer's tokens mean-pooled over the image."""
+    return torch.stack([t.mean(1) for t in backbone.forward_intermediates(images, layers)], dim=1)
+
+
+class HeadFeatures(nn.Module):
+    """Normalised images (B, 3, H, W) -> head features (B, D), through the frozen backbone and the head.
+    `backbone_features` gives the backbone's own mean-pooled last-layer features, for comparison."""
+
+    def __init__(self, backbone, head, image_size):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False)
+        self.head = head
+        self.image_size = image_size
+
+    def forward(self, images):
+        return self.head(pooled_layer_features(self.backbone, images, self.head.cfg.layers))
+
+    def backbone_features(self, images):
+        return self.backbone(images).mean(1)
+
+
+def resolve_pointer(folder, absolute, relative):
+    """A file a head run points to: at its absolute path, or at the same place relative to the run when
+    the run and the file moved together."""
+    for candidate in (absolute, os.path.join(folder, relative)):
+        if os.path.exists(candidate):
+            return os.path.normpath(candidate)
+    raise FileNotFoundError(f"{folder} points to {absolute}, which is missing; put it back or retrain the head "
+                            "with --backbone")
+
+
+def load_hierarchical_head(folder):
+    """HeadFeatures (eval mode) from a train_hierarchical_predictor.py output folder: its head weights
+    (`head.*` in model.safetensors, the online head) on the backbone its config.json points to."""
+    config = read_run_config(folder)
+    if "head" not in config or "backbone" not in config:
+        raise ValueError(f"{folder} is not a hierarchical-head run (config.json has no 'head'); pass a folder "
+                         "written by train_hierarchical_predictor.py")
+    pointer = config["backbone"]
+    yaml_path = None
+    if pointer["config"]:
+        yaml_path = resolve_pointer(folder, pointer["config"], pointer["relative_config"])
+    backbone = load_encoder(resolve_pointer(folder, pointer["path"], pointer["relative_path"]), pointer["which"],
+                            yaml_path)
+    head = HierarchicalHead(config_from_dict(HeadConfig, config["head"]))
+    load_state_strict(head, split_state(read_weights(folder), "head."), "head")
+    return HeadFeatures(backbone, head, config["image_size"]).eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: python models.py export-official OUT_FOLDER FILE.pth.tar
+
+
+def main(argv=None):
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="models.py", description="Model file utilities.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export-official", help="write a run folder as an official I-JEPA checkpoint "
+                                 "(FILE.pth.tar) with its yaml beside it (FILE.yaml)")
+    export.add_argument("folder", help="a run folder (config.json + model.safetensors)")
+    export.add_argument("file", help="the .pth.tar file to write")
+    args = parser.parse_args(argv)
+    try:
+        yaml_path = export_official(args.folder, args.file)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {args.file} and {yaml_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -83,6 +83,17 @@ def test_forward_intermediates_last_block_equals_forward():
     assert first.shape == last.shape and not torch.allclose(first, last)
 
 
+@pytest.mark.parametrize("patch_embed", ["strided", "conv"])
+def test_a_token_sees_only_its_own_patch(patch_embed):
+    model = VisionTransformer(vit_config("tiny", img_size=32, patch_size=8, depth=1, patch_embed=patch_embed))
+    images = torch.randn(1, 3, 32, 32)
+    changed = images.clone()
+    changed[..., :8, 8:16] += 1.0  # patch 1 only
+    tokens, changed_tokens = model.patch_embed(images), model.patch_embed(changed)
+    differs = (tokens - changed_tokens).abs().amax(-1)[0] > 0
+    assert differs.tolist() == [i == 1 for i in range(16)]
+
+
 def test_conv_stem_patch_embedding():
     model = VisionTransformer(vit_config("tiny", img_size=32, patch_size=4, depth=1, patch_embed="conv"))
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 64, 192)

@@ -13,16 +13,23 @@ Dataset specs (`--dataset`):
   hf:<hub id or local path>   Hugging Face `datasets`, with --image-column / --label-column
 
 Decoding, augmentation and masking are separate steps: the training scripts hold a split on the GPU as
-uint8 and augment whole batches there, with no DataLoader in the loop.
+uint8 and augment whole batches there, with no DataLoader in the loop; masks come from a Prefetcher (a CPU
+thread working ahead). Image folders too large for memory stream instead (StreamedBatches, --stream):
+DataLoader workers decode, and the batches get the same augmentation on the GPU.
 """
 
+import copy
+import functools
 import hashlib
 import io
 import json
 import math
 import os
 import pickle
+import queue
 import tarfile
+import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +77,8 @@ def decode_image(data, name, size=None):
     With `size`, the shorter side is resized to `size` and the centre cropped to size x size."""
     from PIL import Image
 
+    if isinstance(data, OSError):  # from iter_files: the file itself could not be read
+        raise UserError(f"cannot read image {name} ({data.strerror or data}); fix the file or pass --skip-bad-images")
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
@@ -120,16 +129,17 @@ def stack_images(images, names):
 
 
 def iter_files(path, wanted):
-    """Yield (relative path, bytes) for files under a folder or inside a tar archive, where wanted(rel)."""
+    """Yield (relative path, bytes) for files under a folder or inside a tar archive, where wanted(rel).
+    A folder entry that cannot be read (no permission, a broken link, a pipe) yields its OSError in place
+    of the bytes: decode_image reports it by name, and --skip-bad-images counts it like a corrupt image."""
     if os.path.isdir(path):
-        for root, dirs, files in os.walk(path):
+        for root, dirs, files in os.walk(path, onerror=_unlistable_folder):
             dirs.sort()
             for name in sorted(files):
                 full = os.path.join(root, name)
                 rel = os.path.relpath(full, path).replace(os.sep, "/")
                 if wanted(rel):
-                    with open(full, "rb") as f:
-                        yield rel, f.read()
+                    yield rel, read_bytes(full)
         return
     try:
         with tarfile.open(path) as tar:
@@ -138,6 +148,21 @@ def iter_files(path, wanted):
                     yield member.name.lstrip("./"), tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise UserError(f"cannot read archive {path} ({e}); it is truncated or not a tar file") from None
+
+
+def read_bytes(path):
+    """The file's bytes, or the OSError that stops reading them."""
+    if not os.path.isfile(path):  # reading a named pipe would wait forever; a broken link has nothing to read
+        return OSError(f"not a regular file: {path}")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        return e
+
+
+def _unlistable_folder(error):
+    raise UserError(f"cannot list folder {error.filename} ({error.strerror}); fix its permissions or move it away")
 
 
 def check_path(path, what):
@@ -164,6 +189,8 @@ def decode_all(entries, size, skip_bad):
             continue
         labels.append(label)
         names.append(name)
+    if skipped and not images:
+        raise UserError(f"all {skipped} images are unreadable (e.g. {entries[0][0]}); check the dataset path")
     return images, labels, names, skipped
 
 
@@ -192,20 +219,31 @@ def imagefolder_classes(path, has_splits):
     return sorted({cls for where, cls in places if cls is not None and (where is not None) == has_splits})
 
 
-def read_imagefolder(path, split, size, skip_bad, seed):
-    check_path(path, "imagefolder")
+def imagefolder_wanted(split):
+    """Which files of an image folder to read for `split`: its own and unsplit ones (so the other split's
+    bytes never enter memory)."""
     split_dirs = {"train": ("train",), "test": ("test", "val")}[split]
-    # Read only this split's files (and unsplit ones): the other split's bytes never enter memory.
-    wanted = lambda rel: is_image(rel) and imagefolder_place(rel)[0] in (None, *split_dirs)
-    chosen = [(rel, data, *imagefolder_place(rel)) for rel, data in iter_files(path, wanted)]
-    has_splits = any(where is not None for _, _, where, _ in chosen)
-    chosen = [(rel, data, cls) for rel, data, where, cls in chosen
+    return lambda rel: is_image(rel) and imagefolder_place(rel)[0] in (None, *split_dirs)
+
+
+def imagefolder_select(items, split, path):
+    """(rel, payload) pairs read with imagefolder_wanted -> ([(rel, payload, label)] of `split`, classes,
+    whether the folder has split sub-folders)."""
+    placed = [(rel, payload, *imagefolder_place(rel)) for rel, payload in items]
+    has_splits = any(where is not None for _, _, where, _ in placed)
+    chosen = [(rel, payload, cls) for rel, payload, where, cls in placed
               if cls is not None and (where is not None or not has_splits)]
     if not chosen:
         raise UserError(f"no images for split {split!r} in {path}: expected <class>/<image> folders, "
                         "optionally under train/ and test/ (or val/)")
     classes = imagefolder_classes(path, has_splits)  # from every split, so labels agree across splits
-    entries = [(rel, data, classes.index(cls)) for rel, data, cls in chosen]
+    index = {cls: i for i, cls in enumerate(classes)}
+    return [(rel, payload, index[cls]) for rel, payload, cls in chosen], classes, has_splits
+
+
+def read_imagefolder(path, split, size, skip_bad, seed):
+    check_path(path, "imagefolder")
+    entries, classes, has_splits = imagefolder_select(iter_files(path, imagefolder_wanted(split)), split, path)
     images, labels, names, skipped = decode_all(entries, size, skip_bad)
     data = ImageSet(stack_images(images, names), torch.tensor(labels, dtype=torch.long), classes, skipped)
     if not has_splits:
@@ -459,9 +497,15 @@ def _load_cached(path):
 def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """uint8 or [0, 1] float (B, 3, H, W) -> float normalised by the ImageNet mean and std."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    mean, std = channel_stats(x.device, tuple(mean), tuple(std))
     return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def channel_stats(device, mean, std):
+    """Mean and std as (1, 3, 1, 1) tensors on `device`, made once: building them from Python lists at every
+    step would be a blocking host-to-GPU copy, a synchronisation per step."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
 def eval_transform(images, image_size):
@@ -578,18 +622,18 @@ def step_generator(seed, step, rank=0, device="cpu"):
     return torch.Generator(device=device).manual_seed(mixed)
 
 
-class InMemoryBatches:
-    """Batches of a uint8 ImageSet for one process: a seeded permutation per epoch, split across
-    processes by rank, augmented on the device that holds the images (the GPU with --data-on-gpu)."""
+class EpochBatches:
+    """What the in-memory and the streamed inputs share: a seeded permutation per epoch, split across
+    processes by rank, and batch(epoch, index, step), which augments the uint8 batch that the subclass's
+    uint8_batch(epoch, index) puts on the device, with the step's own generator."""
 
-    def __init__(self, data, batch_size, augment, device, seed=0, rank=0, world_size=1, data_on_device=True):
-        self.per_process = len(data) // world_size
+    def __init__(self, labels, batch_size, augment, device, seed=0, rank=0, world_size=1):
+        self.per_process = len(labels) // world_size
         if batch_size > self.per_process:
             raise UserError(f"batch size {batch_size} is larger than the {self.per_process} images each process "
-                            f"gets from a split of {len(data)}; lower --batch-size")
-        self.images = data.images.to(device) if data_on_device else data.images
-        self.labels = data.labels
-        self.batch_size, self.augment, self.device = batch_size, augment, device
+                            f"gets from a split of {len(labels)}; lower --batch-size")
+        self.labels = labels
+        self.batch_size, self.augment, self.device = batch_size, augment, torch.device(device)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self._order = (None, None)  # (epoch, this process's order) of the last epoch asked for
 
@@ -603,9 +647,231 @@ class InMemoryBatches:
             self._order = (epoch, order[self.rank: self.per_process * self.world_size: self.world_size])
         return self._order[1]
 
+    def batch_span(self, index):
+        return slice(index * self.batch_size, (index + 1) * self.batch_size)
+
     def batch(self, epoch, index, step):
         """The index-th batch of an epoch, augmented with the step's own generator."""
-        order = self.epoch_order(epoch)[index * self.batch_size: (index + 1) * self.batch_size]
-        images = self.images[order.to(self.images.device)].to(self.device, non_blocking=True)
+        images, labels = self.uint8_batch(epoch, index)
         generator = step_generator(self.seed, step, self.rank, self.device)
-        return self.augment(images, generator), self.labels[order]
+        return self.augment(images, generator), labels
+
+
+class InMemoryBatches(EpochBatches):
+    """Batches of a uint8 ImageSet for one process, augmented on the device that holds the images (the GPU
+    with --data-on-gpu)."""
+
+    def __init__(self, data, batch_size, augment, device, seed=0, rank=0, world_size=1, data_on_device=True):
+        super().__init__(data.labels, batch_size, augment, device, seed, rank, world_size)
+        self.images = data.images.to(device) if data_on_device else data.images
+        self._device_order = (None, None)  # (epoch, the order on the images' device)
+
+    def uint8_batch(self, epoch, index):
+        order = self.epoch_order(epoch)
+        if self._device_order[0] != epoch:  # one copy an epoch: a CPU index would be a blocking copy every step
+            self._device_order = (epoch, order.to(self.images.device))
+        images = self.images[self._device_order[1][self.batch_span(index)]]
+        return to_device(images, self.device), self.labels[order[self.batch_span(index)]]
+
+
+def to_device(tensor, device):
+    """Copy without blocking the host: CPU tensors bound for a GPU go through pinned memory."""
+    if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def map_tensors(item, fn):
+    """A shallow copy of a tensor or an object with attributes (e.g. masks.Masks), fn applied to each tensor."""
+    if isinstance(item, torch.Tensor):
+        return fn(item)
+    copied = copy.copy(item)
+    for name, value in vars(item).items():
+        if isinstance(value, torch.Tensor):
+            setattr(copied, name, fn(value))
+    return copied
+
+
+# ----------------------------------------------------------------------------------------------------
+# Work ahead of the training step on a background thread
+
+
+class Prefetcher:
+    """make(k) for k = start, start + 1, ... computed ahead on a background thread (at most `depth` results
+    waiting, in pinned memory when `device` is a GPU); get(k) returns make(k) with its tensors on `device`.
+
+    The training loop uses it for masks: the sampler's rejection loop reads values (`bad.any()`), which on
+    a GPU would be a host synchronisation every step, while on the CPU it runs beside the GPU's work. Each
+    result depends on k alone (make(k) seeds its own generator), so get(k) never depends on timing; asking
+    for any k other than the next restarts the thread there (a resumed run)."""
+
+    def __init__(self, make, device, depth=4):
+        self.make, self.device, self.depth = make, torch.device(device), depth
+        self._next, self._queue, self._stop, self._thread = None, None, None, None
+
+    def get(self, k):
+        if k != self._next:
+            self._start(k)
+        item = self._queue.get()
+        if isinstance(item, Exception):  # raised by make(k) on the thread: raise it here, where it belongs
+            self.close()
+            raise item
+        self._next = k + 1
+        return map_tensors(item, lambda t: t.to(self.device, non_blocking=True))
+
+    def _start(self, k):
+        self.close()
+        self._queue = queue.Queue(self.depth)
+        stop = threading.Event()
+        pin = self.device.type == "cuda"
+        thread = threading.Thread(target=_produce, args=(self.make, k, pin, self._queue, stop), daemon=True)
+        # The thread holds no reference to self, so a dropped Prefetcher is collected and its thread stopped;
+        # the finalizer also runs at interpreter exit, when an exception skipped close().
+        self._stop = weakref.finalize(self, _stop_and_join, stop, thread)
+        thread.start()
+        self._next = k
+
+    def close(self):
+        """Stop the thread and wait for it."""
+        if self._stop is not None:
+            self._stop()
+        self._next = None
+
+
+def _stop_and_join(stop, thread):
+    """A thread still inside torch when the interpreter exits aborts the process ("terminate called
+    without an active exception"): stop it and wait."""
+    stop.set()
+    if thread is not threading.current_thread():
+        thread.join(timeout=10)
+
+
+def _produce(make, k, pin, out, stop):
+    while not stop.is_set():
+        try:
+            item = make(k)
+            item = map_tensors(item, torch.Tensor.pin_memory) if pin else item
+        except Exception as e:  # handed to the consumer, which raises it
+            item = e
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                pass
+        if isinstance(item, Exception):
+            return
+        k += 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streaming from disk (--stream): image folders too large to hold in memory
+
+
+def list_folder(path, wanted):
+    """Relative paths of the files under a folder where wanted(rel), in iter_files' order."""
+    found = []
+    for root, dirs, files in os.walk(path, onerror=_unlistable_folder):
+        dirs.sort()
+        found += [rel for rel in (os.path.relpath(os.path.join(root, name), path).replace(os.sep, "/")
+                                  for name in sorted(files)) if wanted(rel)]
+    return found
+
+
+class StreamedImageFolder(torch.utils.data.Dataset):
+    """One split of an image folder, decoded an image at a time (in DataLoader workers). Files, labels and
+    the held-out split are those read_imagefolder gives, and each image is decoded by decode_image at
+    `size`: streamed training sees the pixels the in-memory path would hold."""
+
+    def __init__(self, path, split, size, seed=0, skip_bad=False):
+        if not os.path.isdir(path):
+            raise UserError(f"--stream reads images from a folder and {path} is not one; extract the archive "
+                            "or drop --stream")
+        names = [(rel, None) for rel in list_folder(path, imagefolder_wanted(split))]
+        entries, self.classes, has_splits = imagefolder_select(names, split, path)
+        self.root, self.size, self.skip_bad, self.skipped = path, size, skip_bad, 0
+        self.files = [rel for rel, _, _ in entries]
+        self.labels = torch.tensor([label for _, _, label in entries], dtype=torch.long)
+        if not has_splits:
+            train_idx, test_idx = holdout_split(self.labels, 0.1, seed)
+            self.keep(train_idx if split == "train" else test_idx)
+
+    def keep(self, index):
+        """Keep only the files at `index` (a long tensor), in that order."""
+        self.files = [self.files[i] for i in index.tolist()]
+        self.labels = self.labels[index]
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        """(image (3, size, size) uint8, label, error message or ""). The main process raises the message as
+        one line; with skip_bad the next file that decodes stands in for a bad one, keeping batches full."""
+        for j in range(i, i + (10 if self.skip_bad else 1)):
+            name = self.files[j % len(self.files)]
+            data = read_bytes(os.path.join(self.root, name))  # an unreadable file is a bad image, as in memory
+            try:
+                return decode_image(data, name, self.size), int(self.labels[j % len(self.files)]), ""
+            except UserError as e:
+                error = str(e)
+        return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, error
+
+    def load(self, count):
+        """The first `count` images in memory, as an ImageSet (the collapse monitor's batch)."""
+        items = [self[i] for i in range(min(count, len(self)))]
+        for _, _, error in items:
+            if error:
+                raise UserError(error)
+        return ImageSet(torch.stack([image for image, _, _ in items]), self.labels[: len(items)], self.classes)
+
+
+def open_stream(spec, split, storage_size, max_per_class=None, seed=0, skip_bad_images=False):
+    """A StreamedImageFolder for `--dataset imagefolder:<folder>` (the only kind worth streaming)."""
+    kind, _, path = spec.partition(":")
+    if kind != "imagefolder" or not path:
+        raise UserError(f"--stream works with --dataset imagefolder:<folder>, not {spec}; drop --stream to load "
+                        "it into memory")
+    data = StreamedImageFolder(path, split, storage_size, seed, skip_bad_images)
+    if max_per_class:
+        data.keep(class_balanced_subset(data.labels, max_per_class, seed))
+    return data
+
+
+class StreamedBatches(EpochBatches):
+    """Batches of a StreamedImageFolder: DataLoader workers decode, batches arrive in pinned memory and go
+    to the device with a non-blocking copy, then get the same batched augmentation as in memory."""
+
+    def __init__(self, dataset, batch_size, augment, device, seed=0, rank=0, world_size=1, workers=4):
+        super().__init__(dataset.labels, batch_size, augment, device, seed, rank, world_size)
+        self.sampler = EpochBatchSampler(self)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+        self._iterator, self._next = None, None
+
+    def uint8_batch(self, epoch, index):
+        if self._next != (epoch, index):  # a new epoch, or a resumed run: the sampler starts there
+            self.sampler.start = (epoch, index)
+            self._iterator = iter(self.loader)
+        images, labels, errors = next(self._iterator)
+        self._next = (epoch, index + 1)
+        error = next((e for e in errors if e), None)
+        if error:
+            raise UserError(error)
+        return to_device(images, self.device), labels
+
+
+class EpochBatchSampler:
+    """The batch_sampler of StreamedBatches: from `start` = (epoch, index) to the end of that epoch."""
+
+    def __init__(self, batches):
+        self.batches, self.start = batches, (0, 0)
+
+    def __iter__(self):
+        epoch, index = self.start
+        order = self.batches.epoch_order(epoch)
+        for i in range(index, len(self.batches)):
+            yield order[self.batches.batch_span(i)].tolist()
+
+    def __len__(self):
+        return len(self.batches) - self.start[1]

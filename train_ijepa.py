@@ -17,6 +17,7 @@ train_pijepa.py runs this same loop with the latent-pyramid objective.
 import argparse
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -25,10 +26,12 @@ from dataclasses import asdict
 import torch
 import yaml
 
-from common import (as_user_error, atomic_save_safetensors, atomic_write_json, collapse_metrics, cosine_ramp,
-                    exit_on_user_error, latest_checkpoint, linear_ramp, load_checkpoint, MetricsLog, param_groups,
-                    prepare_out_dir, save_checkpoint, set_optimizer_values, warmup_cosine)
-from data import eval_transform, InMemoryBatches, load_split, RandomResizedCropFlip, step_generator, UserError
+from common import (ArgumentParser, as_user_error, atomic_save_safetensors, atomic_write_json, check_out_dir,
+                    check_same_model, collapse_metrics, cosine_ramp, exit_on_user_error, latest_checkpoint,
+                    linear_ramp, load_checkpoint, MetricsLog, one_line, param_groups, prepare_out_dir,
+                    run_bytes_needed, save_checkpoint, set_optimizer_values, warmup_cosine)
+from data import (eval_transform, InMemoryBatches, load_split, open_stream, Prefetcher, RandomResizedCropFlip,
+                  step_generator, StreamedBatches, UserError)
 from masks import MultiBlockMaskSampler
 from models import IJEPA, PredictorConfig, vit_config
 
@@ -48,6 +51,13 @@ def positive_int(text):
     return value
 
 
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
 def non_negative_float(text):
     value = float(text)
     if not value >= 0 or math.isinf(value):
@@ -56,7 +66,7 @@ def non_negative_float(text):
 
 
 def build_parser(description=__doc__):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of settings (flag names, or the official I-JEPA sections)")
 
     g = p.add_argument_group("data")
@@ -75,11 +85,16 @@ def build_parser(description=__doc__):
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flip")
     g.add_argument("--data-on-gpu", action=argparse.BooleanOptionalAction, default=True,
                    help="hold the uint8 split on the device and augment there")
+    g.add_argument("--stream", action="store_true", help="imagefolder: decode images from disk in DataLoader "
+                   "workers instead of holding the split in memory (datasets too large for memory)")
+    g.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
+                   help="--stream: decoding processes")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny", help="tiny | small | base | large | huge | giant")
     g.add_argument("--patch-size", type=positive_int, help="default: 4 for 32 px, 8 for 64 px, else 16")
     g.add_argument("--depth", type=positive_int, help="override the preset's encoder depth")
+    g.add_argument("--heads", type=positive_int, help="override the preset's encoder head count")
     g.add_argument("--patch-embed", default="strided", choices=("strided", "conv"))
     g.add_argument("--pred-dim", type=positive_int, help="predictor width (default: half the encoder's, "
                    "at most 384)")
@@ -107,6 +122,9 @@ def build_parser(description=__doc__):
     g.add_argument("--final-weight-decay", type=non_negative_float, default=0.4)
     g.add_argument("--ema", type=float, nargs=2, default=(0.996, 1.0), help="EMA momentum start, end")
     g.add_argument("--grad-clip", type=non_negative_float, default=0.0, help="max grad norm (0: off)")
+    g.add_argument("--skip-nonfinite", type=non_negative_int, default=0, metavar="N", help="skip up to N updates "
+                   "whose loss or gradients are not finite, checked before each optimizer step (one host sync a step); "
+                   "0: stop at the first, checked at log time")
     g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
                    help="default: accelerate's config (bf16 is the fast choice on GPUs)")
 
@@ -121,7 +139,9 @@ def build_parser(description=__doc__):
                    "per-epoch collapse monitor")
     g.add_argument("--max-steps", type=positive_int, help="stop after this many steps (smoke tests)")
     g.add_argument("--log-with", default=None, choices=("tensorboard",), help="an Accelerate tracker")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (static shapes: compiles once)")
+    g.add_argument("--cuda-graphs", action="store_true", help="torch.compile with CUDA graphs (mode "
+                   "reduce-overhead): for small models, where kernel launches dominate; CUDA only")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward")
     return p
 
@@ -199,10 +219,13 @@ def check_value(action, value, path):
                 raise TypeError("expected true or false")
             return value
         if action.nargs is not None:
-            if not isinstance(value, (list, tuple)) or len(value) != action.nargs:
-                raise TypeError(f"expected a list of {action.nargs} values")
+            count = action.nargs if isinstance(action.nargs, int) else None  # "+" and "*" take any length
+            if not isinstance(value, (list, tuple)) or (count is not None and len(value) != count):
+                raise TypeError(f"expected a list of {count or 'one or more'} values")
             return tuple(action.type(str(v)) if action.type else v for v in value)
-        if value is None:
+        if value is None:  # null: "not set", for settings that have no default
+            if action.default is not None:
+                raise TypeError("expected a value, got null")
             return None
         if isinstance(value, (list, dict)):
             raise TypeError("expected a single value")
@@ -241,6 +264,10 @@ def finish_args(args):
             raise UserError(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {low} {high}")
     if not 0 <= args.ema[0] <= args.ema[1] <= 1:
         raise UserError(f"--ema must satisfy 0 <= start <= end <= 1, got {args.ema[0]} {args.ema[1]}")
+    # AdamW's step computes lr / (1 - beta1^t) and lr * weight decay in float32: beyond this they overflow.
+    if max(args.lr, args.start_lr, args.final_lr) * max(1.0, args.weight_decay, args.final_weight_decay) > 1e30:
+        raise UserError(f"--lr {args.lr} (or --start-lr, --final-lr, times the weight decay) is beyond 1e30; "
+                        "AdamW would overflow: use a learning rate near 1e-3")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -249,7 +276,7 @@ def finish_args(args):
 
 def encoder_config(args):
     return as_user_error(vit_config, args.model, img_size=args.image_size, patch_size=args.patch_size,
-                         depth=args.depth, patch_embed=args.patch_embed)
+                         depth=args.depth, num_heads=args.heads, patch_embed=args.patch_embed)
 
 
 def predictor_config(args, encoder_cfg, levels=1):
@@ -278,21 +305,163 @@ def run_config(args, model, data, script, world_size):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Speed: optimiser, compilation, FLOPs and MFU (bench.py times these same pieces)
+
+# Dense (not sparse) bf16 tensor-core peak in TFLOP/s; the first pattern found in the device name wins.
+PEAK_BF16_TFLOPS = ((r"H100.*PCIe", 756.0), (r"H100 NVL", 835.0), (r"H100|H200|GH200", 989.0), (r"B200", 2250.0),
+                    (r"A100", 312.0), (r"L40S", 362.0), (r"\bL4\b", 121.0), (r"\bA10\b", 125.0))
+
+
+def build_optimizer(model, args, device):
+    """AdamW on param_groups; fused (one kernel for all parameters) on CUDA."""
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=device.type == "cuda")
+
+
+def compile_model(model, cuda_graphs=False):
+    """torch.compile with static shapes: mask lengths are fixed per run and batches are full, so it compiles
+    once. With cuda_graphs, mode "reduce-overhead" records the step's kernels as CUDA graphs and replays each
+    with one launch, for small models whose steps are bound by kernel launches."""
+    return torch.compile(model, mode="reduce-overhead" if cuda_graphs else "default", dynamic=False)
+
+
+def check_cuda_graphs(cuda_graphs, device):
+    if cuda_graphs and device.type != "cuda":
+        raise UserError(f"--cuda-graphs needs a CUDA GPU and this run is on {device.type}; drop it "
+                        "(--compile works on any device)")
+
+
+def peak_tflops(device_name):
+    """Dense bf16 peak of a GPU named like torch.cuda.get_device_name(), or None for one not in the table."""
+    return next((tflops for pattern, tflops in PEAK_BF16_TFLOPS if re.search(pattern, device_name)), None)
+
+
+def block_flops(tokens, width, mlp_width):
+    """Matmul FLOPs of one transformer block's forward on one sequence: qkv 6LD^2, attention scores and
+    values 4L^2D, output projection 2LD^2, MLP 4LDH."""
+    return 8 * tokens * width**2 + 4 * tokens * width * mlp_width + 4 * tokens**2 * width
+
+
+def conv_flops(module, size):
+    """Matmul FLOPs of each Conv2d layer in `module` (applied in order) on one size x size image, a list."""
+    flops = []
+    for conv in (m for m in module.modules() if isinstance(m, torch.nn.Conv2d)):
+        size = (size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+        flops.append(2 * size**2 * conv.out_channels * conv.in_channels // conv.groups * math.prod(conv.kernel_size))
+    return flops
+
+
+def ijepa_flops_per_image(model, encoder_tokens, context_tokens, num_targets, target_tokens):
+    """Matmul FLOPs of one I-JEPA training step per image, the count MFU divides by:
+
+        F(L, D, H) = 8 L D^2 + 4 L D H + 4 L^2 D          one block's forward on a sequence of L tokens
+        target     = E + d F(N, D, H)                     target encoder, forward only, all N patches
+        context    = E + d F(Kc, D, H)                    context encoder on its Kc patches
+        predictor  = 2 Kc D P + M dp F(Kc + Kt, P, Hp) + 2 M Kt P D
+        step       = target + 3 (context + predictor) - E1
+
+    E is the patch embedding on all N patches (2 N C p^2 D when strided), E1 its first convolution (all of
+    it when strided); d, D, H the encoder's depth, width and MLP width, dp, P, Hp the predictor's; M target
+    blocks of Kt patches. A backward pass costs twice its forward (input and weight gradients), except the
+    images' gradient, which is never computed (- E1). This equals torch's FlopCounterMode on a training
+    step with the math attention kernel (flash attention's backward also recomputes the scores: not counted).
+    Recomputation under --grad-checkpointing is not counted: MFU counts the model's FLOPs, not the GPU's.
+    encoder_tokens is Kc for I-JEPA; with PI-JEPA's pyramid the encoder sees only the fine context
+    patches, and the predictor reads context_tokens (all levels)."""
+    enc, pred = model.encoder.cfg, model.predictor.cfg
+    convs = conv_flops(model.encoder.patch_embed, enc.img_size)
+    embed = sum(convs)
+    mlp, pred_mlp = int(enc.embed_dim * enc.mlp_ratio), int(pred.pred_dim * pred.mlp_ratio)
+    target = embed + enc.depth * block_flops(enc.grid_size**2, enc.embed_dim, mlp)
+    context = embed + enc.depth * block_flops(encoder_tokens, enc.embed_dim, mlp)
+    predictor = (2 * context_tokens * enc.embed_dim * pred.pred_dim
+                 + num_targets * pred.depth * block_flops(context_tokens + target_tokens, pred.pred_dim, pred_mlp)
+                 + 2 * num_targets * target_tokens * pred.pred_dim * enc.embed_dim)
+    return target + 3 * (context + predictor) - convs[0]
+
+
+def step_flops_per_image(model, masks):
+    """ijepa_flops_per_image at the lengths of a batch of masks (Masks, or PI-JEPA's with context_sizes)."""
+    inputs = masks.model_inputs()
+    context_tokens = inputs["context_idx"].shape[1]
+    encoder_tokens = inputs.get("context_sizes", (context_tokens,))[0]
+    _, num_targets, target_tokens = inputs["target_idx"].shape
+    return ijepa_flops_per_image(model, encoder_tokens, context_tokens, num_targets, target_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Training loop (shared with train_pijepa.py)
 
 
 class StopRequest:
-    """SIGTERM/SIGINT (preemption, Ctrl-C) set a flag; the loop saves a checkpoint and exits cleanly."""
+    """SIGTERM/SIGINT (preemption, Ctrl-C) set a flag; the loop saves a checkpoint after the current step
+    (several processes: at the next log step, where they agree) and the script exits with status
+    128 + signal number, as if the signal had ended it, so a job scheduler sees an unfinished run.
+    A second signal exits at once."""
 
     def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.handle)
+        self.signal, self.exit_code = None, 128 + signal.SIGTERM
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
         if self.signal is not None:  # a second signal: give up at once
             sys.exit(128 + signum)
-        self.signal = signal.Signals(signum).name
+        self.signal, self.exit_code = signal.Signals(signum).name, 128 + signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def any_process(accelerator, *flags):
+    """Boolean flags (tensors or bools) read in one host synchronisation, each True if set on any process."""
+    values = torch.stack([torch.as_tensor(f, device=accelerator.device) for f in flags]).float()
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, "max")
+    return (values > 0).tolist()
+
+
+def all_finite(tensors):
+    """A boolean 0-d tensor (reading it is the caller's host sync): every element of every tensor is finite."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+class NonFiniteGuard:
+    """Non-finite losses and gradients. By default the flag is read at log time only (no extra host
+    sync) and the run stops there, naming the last good checkpoint, which predates the bad step.
+    With --skip-nonfinite N each update is checked before optimizer.step (one sync a step) and up to
+    N bad updates are skipped: no optimizer step, no EMA update."""
+
+    def __init__(self, accelerator, out, allowed_skips, skipped, bar):
+        self.accelerator, self.out, self.allowed_skips, self.skipped = accelerator, out, allowed_skips, skipped
+        self.bar = bar  # closed before the error, which then prints on a line of its own
+        self.flag = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+
+    def observe(self, loss):
+        self.flag |= ~torch.isfinite(loss.detach())
+
+    def update_allowed(self, model, step):
+        """Called where gradients are complete, before optimizer.step: False when the update is skipped."""
+        if not self.allowed_skips:
+            return True
+        flags = [self.flag]
+        if self.accelerator.scaler is None:  # fp16's loss scaler skips its own overflowing steps
+            flags.append(~all_finite([p.grad for p in model.parameters() if p.grad is not None]))
+        bad = any(any_process(self.accelerator, *flags))
+        self.flag.zero_()
+        if not bad:
+            return True
+        self.skipped += 1
+        if self.skipped > self.allowed_skips:
+            self.stop(step + 1, f"{self.skipped} non-finite updates, more than --skip-nonfinite {self.allowed_skips}")
+        self.accelerator.print(f"\nstep {step + 1}: non-finite loss or gradients, update skipped "
+                               f"({self.skipped} of --skip-nonfinite {self.allowed_skips})")
+        return False
+
+    def stop(self, step, what="non-finite loss"):
+        self.bar.close()
+        previous = latest_checkpoint(self.out)
+        raise UserError(f"{what} at or before step {step}; the last good checkpoint is {previous or 'none yet'} "
+                        "(lower --lr, use --mixed-precision bf16 instead of fp16, or --skip-nonfinite N)")
 
 
 @torch.no_grad()
@@ -306,54 +475,71 @@ def monitor(accelerator, model, images):
 
 def train(args, model, sampler, script="train_ijepa"):
     from accelerate import Accelerator
+    from safetensors import SafetensorError
     from tqdm.auto import tqdm
 
+    # Several processes without CUDA (torch.distributed.run on CPU) need cpu=True for Accelerate to use gloo.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
-                              log_with=args.log_with, project_dir=args.out)
+                              log_with=args.log_with, project_dir=args.out, cpu=multi_cpu)
     main = accelerator.is_main_process
-    resume = prepare_out_dir(args.out, args.resume, args.overwrite) if main else None
-    accelerator.wait_for_everyone()
-    resume = args.resume and latest_checkpoint(args.out) is not None
+    if main:  # before the data loads; an old run is only cleared once everything has been checked
+        check_out_dir(args.out, args.resume, args.overwrite)
     device = accelerator.device
+    check_cuda_graphs(args.cuda_graphs, device)
 
     # -- data
-    data_settings = dict(data_root=args.data_root, storage_size=args.storage_size, seed=args.seed,
-                         skip_bad_images=args.skip_bad_images, image_column=args.image_column,
-                         label_column=args.label_column)
-    train_set = load_split(args.dataset, "train", max_per_class=args.max_per_class, **data_settings)
-    held_out = load_split(args.dataset, "test", **data_settings)
-    monitor_images = eval_transform(held_out.images[: args.monitor_size].to(device), args.image_size)
     augment = RandomResizedCropFlip(args.image_size, scale=args.crop_scale, flip=args.flip)
-    loader = InMemoryBatches(train_set, args.batch_size, augment, device, args.seed, accelerator.process_index,
-                             accelerator.num_processes, data_on_device=args.data_on_gpu)
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    if args.stream:  # decoded from disk by workers; only the monitor's images are held in memory
+        stream_settings = dict(storage_size=args.storage_size, seed=args.seed, skip_bad_images=args.skip_bad_images)
+        train_set = open_stream(args.dataset, "train", max_per_class=args.max_per_class, **stream_settings)
+        held_out = open_stream(args.dataset, "test", **stream_settings).load(args.monitor_size)
+        loader = StreamedBatches(train_set, args.batch_size, augment, device, args.seed, rank, processes, args.workers)
+    else:
+        data_settings = dict(data_root=args.data_root, storage_size=args.storage_size, seed=args.seed,
+                             skip_bad_images=args.skip_bad_images, image_column=args.image_column,
+                             label_column=args.label_column)
+        train_set = load_split(args.dataset, "train", max_per_class=args.max_per_class, **data_settings)
+        held_out = load_split(args.dataset, "test", **data_settings)
+        loader = InMemoryBatches(train_set, args.batch_size, augment, device, args.seed, rank, processes,
+                                 data_on_device=args.data_on_gpu)
+    monitor_images = eval_transform(held_out.images[: args.monitor_size].to(device), args.image_size)
     steps_per_epoch = len(loader) // args.grad_accum
     if steps_per_epoch == 0:
         raise UserError(f"{len(loader)} batches per epoch cannot make one step of --grad-accum {args.grad_accum}")
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
+    # Mask settings that leave too little context fail in the sampler's redraws: here, not mid-run.
+    as_user_error(sampler.sample, args.batch_size, step_generator(args.seed + MASK_SEED_OFFSET, 0))
 
     # -- model and optimiser
     if args.grad_checkpointing:
         model.encoder.grad_checkpointing = model.predictor.grad_checkpointing = True
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=fused)
-    if args.compile:
-        model = torch.compile(model)
+    optimizer = build_optimizer(model, args, device)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # The compiled wrapper only runs the step; saving and unwrapping use `model` (no "_orig_mod." in names).
+    # Compiled after prepare, so that a DDP wrapper is compiled with the model.
+    step_model = compile_model(model, args.cuda_graphs) if args.compile or args.cuda_graphs else model
     config = run_config(args, accelerator.unwrap_model(model), train_set, script, accelerator.num_processes)
     if main:
+        needed = run_bytes_needed(accelerator.unwrap_model(model))
+        if prepare_out_dir(args.out, args.resume, args.overwrite, needed):
+            check_same_model(args.out, config)
+    accelerator.wait_for_everyone()
+    start_step, skipped_updates = 0, 0
+    if args.resume and latest_checkpoint(args.out):
+        path = latest_checkpoint(args.out)
+        state = load_checkpoint(accelerator, path)
+        start_step, skipped_updates = state["step"], state.get("skipped_nonfinite", 0)
+        accelerator.print(f"resumed from {path} at step {start_step}")
+    if main:  # written once the settings, the data and the checkpoint to resume have all loaded
         atomic_write_json(os.path.join(args.out, "config.json"), config)
         if train_set.skipped:
             accelerator.print(f"skipped {train_set.skipped} unreadable images (--skip-bad-images)")
     if args.log_with:
         accelerator.init_trackers(os.path.basename(os.path.normpath(args.out)), config=vars(args))
-
-    start_step = 0
-    if resume:
-        path = latest_checkpoint(args.out)
-        start_step = load_checkpoint(accelerator, path)["step"]
-        accelerator.print(f"resumed from {path} at step {start_step}")
-    metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), main, start_step if resume else None)
+    metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), main, start_step)  # drops a stale tail
 
     def schedules(step):
         warmup = round(args.warmup_epochs * steps_per_epoch)
@@ -362,18 +548,33 @@ def train(args, model, sampler, script="train_ijepa"):
                 linear_ramp(step, total_steps, *args.ema))
 
     def checkpoint(step):
-        state = {"step": step, "epoch": step / steps_per_epoch, "world_size": accelerator.num_processes}
+        state = {"step": step, "epoch": step / steps_per_epoch, "world_size": accelerator.num_processes,
+                 "skipped_nonfinite": guard.skipped}
+        if not all_finite(list(model.parameters())):  # a finite loss can still end in an overflowing update
+            guard.stop(step, "non-finite weights")
         weights = accelerator.get_state_dict(model)
-        if main:
-            atomic_save_safetensors(os.path.join(args.out, "model.safetensors"), weights,
-                                    metadata={"step": str(step), "script": script})
-        return save_checkpoint(accelerator, args.out, state)
+        try:
+            if main:
+                atomic_save_safetensors(os.path.join(args.out, "model.safetensors"), weights,
+                                        metadata={"step": str(step), "script": script})
+            return save_checkpoint(accelerator, args.out, state)
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap OSErrors
+            bar.close()
+            raise UserError(f"cannot write the step {step} checkpoint in {args.out} ({one_line(e)}); the last "
+                            f"complete one, {latest_checkpoint(args.out) or 'none'}, is intact: free some space "
+                            "and continue with --resume") from None
 
     # -- loop
     stop = StopRequest()
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     bar = tqdm(total=last_step, initial=start_step, disable=not main, dynamic_ncols=True)
+    guard = NonFiniteGuard(accelerator, args.out, args.skip_nonfinite, skipped_updates, bar)
+    stopping = False
     window_start, window_images, step = time.perf_counter(), 0, start_step
+    # Masks are drawn on the CPU a few steps ahead, on a background thread: no host sync in the step. Draw k
+    # is a pure function of (seed, rank, k), so a resumed run sees the masks an uninterrupted one would.
+    mask_stream = Prefetcher(lambda k: sampler.sample(args.batch_size, step_generator(
+        args.seed + MASK_SEED_OFFSET, k, accelerator.process_index)), device)
+    peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     model.train()
     while step < last_step:
         epoch, index = divmod(step, steps_per_epoch)
@@ -381,48 +582,59 @@ def train(args, model, sampler, script="train_ijepa"):
         set_optimizer_values(optimizer, lr, weight_decay)
         for micro in range(args.grad_accum):
             images, _ = loader.batch(epoch, index * args.grad_accum + micro, step * args.grad_accum + micro)
-            masks = sampler.sample(images.shape[0], step_generator(
-                args.seed + MASK_SEED_OFFSET, step * args.grad_accum + micro, accelerator.process_index, device))
+            masks = mask_stream.get(step * args.grad_accum + micro)
+            if args.cuda_graphs:  # a new step: the graphs may now overwrite the previous step's outputs
+                torch.compiler.cudagraph_mark_step_begin()
             with accelerator.accumulate(model), accelerator.autocast():
-                loss, info = model(images, masks.context_idx, masks.target_idx)
+                loss, info = step_model(images, **masks.model_inputs())
                 accelerator.backward(loss)
-                if args.grad_clip and accelerator.sync_gradients:
+                guard.observe(loss)
+                update = not accelerator.sync_gradients or guard.update_allowed(model, step)
+                if args.grad_clip and accelerator.sync_gradients and update:
                     accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-                optimizer.step()
+                if update:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            nonfinite |= ~torch.isfinite(loss.detach())
             window_images += images.shape[0] * accelerator.num_processes
-        accelerator.unwrap_model(model).update_target(momentum)
+        if update:
+            accelerator.unwrap_model(model).update_target(momentum)
         step += 1
         bar.update(1)
         epoch_end = step % steps_per_epoch == 0 or step == last_step
-        if step % args.log_every == 0 or epoch_end or stop.signal:
-            if nonfinite.item():  # the one host synchronisation, at log time only
-                previous = latest_checkpoint(args.out)
-                raise UserError(f"non-finite loss before step {step}; last good checkpoint: {previous or 'none'} "
-                                "(lower --lr, or use --mixed-precision bf16 instead of fp16)")
+        stopping = stop.signal is not None and accelerator.num_processes == 1  # several agree at log time
+        if step % args.log_every == 0 or epoch_end or stopping:
+            nonfinite, stop_seen = any_process(accelerator, guard.flag, stop.signal is not None)  # one host sync
+            stopping |= stop_seen
+            if nonfinite:
+                guard.stop(step)
             elapsed = time.perf_counter() - window_start
             record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr, "weight_decay": weight_decay,
                       "momentum": momentum, "images_per_s": window_images / max(elapsed, 1e-9),
                       **{k: float(v) for k, v in info.items()}, **{k: float(v) for k, v in masks.stats().items()}}
             window_start, window_images = time.perf_counter(), 0
+            if peak:  # per GPU: model matmul FLOP/s over the dense bf16 peak
+                record["mfu"] = (step_flops_per_image(accelerator.unwrap_model(model), masks)
+                                 * record["images_per_s"] / accelerator.num_processes / (peak * 1e12))
             if epoch_end:
                 record.update(monitor(accelerator, model, monitor_images))
                 model.train()
             metrics.write(record)
             accelerator.log(record, step=step)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", ips=f"{record['images_per_s']:.0f}")
-        if stop.signal:
+        if stopping:
             path = checkpoint(step)
-            accelerator.print(f"\n{stop.signal}: saved a resumable checkpoint at step {step} in {path}; "
-                              f"continue with --resume --out {args.out}")
+            accelerator.print(f"\n{stop.signal or 'stop requested'}: saved a resumable checkpoint at step {step} "
+                              f"in {path}; continue with --resume --out {args.out}")
             break
         if epoch_end and ((step // steps_per_epoch) % args.save_every == 0 or step == last_step):
             checkpoint(step)
     bar.close()
+    mask_stream.close()
+    stop.restore()
     accelerator.end_training()
-    if main and not stop.signal:
-        accelerator.print(f"done: {step} steps; model and checkpoint in {args.out}")
+    if stopping:
+        sys.exit(stop.exit_code)
+    accelerator.print(f"done: {step} steps; model and checkpoint in {args.out}")
     return model
 
 

@@ -1,10 +1,13 @@
 """Plumbing the scripts share: one-line errors, atomic files, run folders, checkpoints, schedules,
 parameter groups, metrics and the collapse monitor. No training loop lives here."""
 
+import argparse
 import functools
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import sys
 
@@ -25,10 +28,23 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {printable(str(e))}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper
+
+
+def printable(text):
+    """Control characters (a newline in a mistyped key or path the message quotes) escaped: one line stays one."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors look like exit_on_user_error's: one line and exit status 2, not the usage text."""
+
+    def error(self, message):
+        print(f"error: {printable(message)}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
 
 
 def as_user_error(fn, *args, **kwargs):
@@ -92,9 +108,9 @@ def atomic_save_safetensors(path, tensors, metadata=None):
 RUN_FILES = ("config.json", "model.safetensors", "metrics.jsonl", CHECKPOINTS)
 
 
-def prepare_out_dir(out, resume, overwrite, min_free_bytes=0):
-    """Check the output folder before any training: writable, enough space, and not a run we would
-    overwrite by accident. Returns True when there is a run to resume."""
+def check_out_dir(out, resume, overwrite, min_free_bytes=0):
+    """Check the output folder before any work: not a run we would replace by accident, writable, and
+    with room for the run (min_free_bytes, counting what the run already holds there). Changes nothing."""
     existing = os.path.isdir(out) and any(os.path.exists(os.path.join(out, f)) for f in RUN_FILES)
     if existing and not (resume or overwrite):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
@@ -105,17 +121,55 @@ def prepare_out_dir(out, resume, overwrite, min_free_bytes=0):
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"cannot write to output folder {out} ({e.strerror}); choose another --out") from None
-    free = shutil.disk_usage(out).free
+        raise UserError(f"cannot write to output folder {out} ({e.strerror or e}); choose another --out") from None
+    free = shutil.disk_usage(out).free + (folder_bytes(out) if resume or overwrite else 0)
     if free < min_free_bytes:
-        raise UserError(f"only {free / 2**20:.0f} MiB free in {out}, a checkpoint needs about "
-                        f"{min_free_bytes / 2**20:.0f} MiB; free some space or choose another --out")
-    if existing and overwrite and not resume:
+        raise UserError(f"only {free / 2**20:.0f} MiB free in {out}, the run needs about {min_free_bytes / 2**20:.0f} "
+                        "MiB for its checkpoints; free some space or choose another --out")
+
+
+def prepare_out_dir(out, resume, overwrite, min_free_bytes=0):
+    """check_out_dir, then make the folder ready: clear an old run under --overwrite (call this once the
+    settings and data have been checked, so a mistyped flag never costs the old run) and delete the
+    leftovers of interrupted writes. Returns True when there is a checkpoint to resume."""
+    check_out_dir(out, resume, overwrite, min_free_bytes)
+    if overwrite and not resume:
         for name in RUN_FILES:
             path = os.path.join(out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
-        return False
+    remove_interrupted_writes(out)
     return resume and latest_checkpoint(out) is not None
+
+
+def folder_bytes(path):
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
+               if os.path.isfile(os.path.join(root, f)))
+
+
+def run_bytes_needed(model, keep=2):
+    """Disk space a run needs at its peak: model.safetensors and its temporary copy, and keep + 1
+    checkpoints (the kept ones and the one being written), each the weights and AdamW's two moments."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return 2 * weights + (keep + 1) * (weights + moments)
+
+
+def remove_interrupted_writes(out):
+    """Temporary files and folders that a killed process left behind: atomic_write's (model.safetensors,
+    config.json, metrics.jsonl, checkpoints/latest) and save_checkpoint's incomplete folders."""
+    root = os.path.join(out, CHECKPOINTS)
+    for folder in (out, root) if os.path.isdir(root) else (out,):
+        for name in os.listdir(folder):
+            if re.fullmatch(r"\..+\.tmp\d+", name) and os.path.isfile(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if name.startswith("step_") and not is_complete(root, name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def is_complete(root, name):
+    return name.startswith("step_") and not name.endswith(".tmp") and os.path.isfile(
+        os.path.join(root, name, STATE_FILE))
 
 
 def latest_checkpoint(out):
@@ -125,48 +179,106 @@ def latest_checkpoint(out):
     pointer = os.path.join(root, LATEST)
     if os.path.isfile(pointer):
         with open(pointer) as f:
-            path = os.path.join(root, f.read().strip())
-        if os.path.isfile(os.path.join(path, STATE_FILE)):
-            return path
-    complete = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")
-                      and os.path.isfile(os.path.join(root, d, STATE_FILE))) if os.path.isdir(root) else []
+            name = os.path.basename(f.read().strip())
+        if is_complete(root, name):
+            return os.path.join(root, name)
+    complete = sorted(d for d in os.listdir(root) if is_complete(root, d)) if os.path.isdir(root) else []
     return os.path.join(root, complete[-1]) if complete else None
 
 
 def save_checkpoint(accelerator, out, state, keep=2):
-    """accelerator.save_state into a temporary folder, then (main process) rename it into place, point
-    'latest' at it atomically, and delete older checkpoints beyond `keep`. All processes must call it."""
+    """accelerator.save_state into a temporary folder, then (main process) fsync its files, write the
+    state file that marks it complete, rename it into place, point 'latest' at it atomically, and delete
+    older checkpoints beyond `keep`. A failure removes the temporary folder and leaves the previous
+    checkpoints as they were. All processes must call it."""
     root = os.path.join(out, CHECKPOINTS)
     name = f"step_{state['step']:09d}"
     final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
-    if accelerator.is_main_process:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp, safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_json(os.path.join(tmp, STATE_FILE), state)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        atomic_write_text(os.path.join(root, LATEST), name + "\n")
-        old = sorted(d for d in os.listdir(root) if d.startswith("step_") and d != name)
-        for d in old[: max(0, len(old) - (keep - 1))]:
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    main = accelerator.is_main_process
+    try:
+        if main:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(tmp, safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if main:
+            for file in os.listdir(tmp):  # on disk before the state file declares the folder complete
+                with open(os.path.join(tmp, file), "rb") as f:
+                    os.fsync(f.fileno())
+            atomic_write_json(os.path.join(tmp, STATE_FILE), state)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            fsync_dir(root)
+            atomic_write_text(os.path.join(root, LATEST), name + "\n")
+            remove_interrupted_writes(out)
+            complete = sorted(d for d in os.listdir(root) if is_complete(root, d))
+            for d in complete[: max(0, len(complete) - keep)]:
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     return final
 
 
+# What a damaged or foreign checkpoint raises while loading: truncated files (safetensors, torch.load),
+# pickled code that torch.load(weights_only=True) refuses, state dicts of another model or optimiser.
+LOAD_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError)
+
+
 def load_checkpoint(accelerator, path):
     """Restore model/optimizer state saved by save_checkpoint; returns the trainer state dict."""
-    with open(os.path.join(path, STATE_FILE)) as f:
-        state = json.load(f)
-    if state.get("world_size", accelerator.num_processes) != accelerator.num_processes:
-        raise UserError(f"{path} was saved by {state['world_size']} processes, this run has "
+    from safetensors import SafetensorError
+
+    advice = "delete that folder to resume from the checkpoint before it, or start again with --overwrite"
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            state = json.load(f)
+        step, world_size = state["step"], state.get("world_size", accelerator.num_processes)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path}/{STATE_FILE} is damaged ({one_line(e)}); {advice}") from None
+    if not isinstance(step, int):
+        raise UserError(f"{path}/{STATE_FILE} is damaged (step {step!r}); {advice}")
+    if world_size != accelerator.num_processes:
+        raise UserError(f"{path} was saved by {world_size} processes, this run has "
                         f"{accelerator.num_processes}; resume with the same number of processes")
-    accelerator.load_state(path)
+    try:
+        accelerator.load_state(path)
+    except (*LOAD_ERRORS, SafetensorError) as e:
+        raise UserError(f"cannot resume from {path} ({type(e).__name__}: {one_line(e)}); {advice}") from None
     return state
+
+
+def one_line(error, limit=600):
+    """An exception's message on one line (load_state_dict lists keys over many), cut at `limit` chars."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def check_same_model(out, config, keys=("script", "encoder", "predictor", "world_size")):
+    """--resume must continue the same model on as many processes (the data order depends on it): compare
+    the run's config.json with this run's, before anything overwrites it, and name every difference."""
+    path = os.path.join(out, "config.json")
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot resume: {path} is unreadable ({one_line(e)}); start again with --overwrite") from None
+    if not isinstance(previous, dict):
+        raise UserError(f"cannot resume: {path} is not a mapping of settings; start again with --overwrite")
+    differences = []
+    for key in keys:
+        old, new = previous.get(key), json.loads(json.dumps(config.get(key)))
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += [f"{key}.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                            if old.get(k) != new.get(k)]
+        elif old != new:
+            differences.append(f"{key} {old!r} -> {new!r}")
+    if differences:
+        raise UserError(f"cannot resume {out} with different settings: {', '.join(differences)}; resume with "
+                        "the run's model settings and number of processes, or use another --out")
 
 
 class MetricsLog:
@@ -265,6 +377,8 @@ def collapse_metrics(features, top_k=10):
         1/sqrt(D) for well-spread features.
     pca_top1 / pca_top{k}: fraction of variance in the first 1 / k principal components."""
     x = features.float()
+    if not torch.isfinite(x).all():  # diverged weights: NaN statistics, not an SVD failure (cuSOLVER raises)
+        return {"rankme": math.nan, "feature_std": math.nan, "pca_top1": math.nan, f"pca_top{top_k}": math.nan}
     singular = torch.linalg.svdvals(x)
     p = singular / singular.sum().clamp_min(1e-12) + 1e-12
     rankme = torch.exp(-(p * p.log()).sum())

@@ -1,5 +1,3 @@
-# LEAD-NOTE (temporary, the lead removes it): helpers, read /tmp/helper_common.md NOW before editing anything:
-# several helpers edit this tree at once; use /work/venv/bin/python; never git commit/stash/checkout/reset; only small targeted edits to shared files.
 """Shared test helpers: tiny settings, running the scripts as subprocesses, and a small trained run."""
 
 import os

@@ -2,15 +2,16 @@
 
     python train_ijepa.py --dataset digits --epochs 2 --out out/demo                      # a backbone, ~1 min
     python train_hierarchical_predictor.py --backbone out/demo --dataset digits --layers -1,-4,-8 \\
-        --epochs 5 --out out/demo-head                                                     # CPU, ~1 min
+        --subset 500 --epochs 5 --out out/demo-head                                        # CPU, ~30 s
     accelerate launch train_hierarchical_predictor.py --backbone IN1K-vit.h.14-300e.pth.tar \\
         --backbone-config in1k_vith14_ep300.yaml --dataset tiny-imagenet:tiny-imagenet-200.tar.gz \\
         --subset 2000 --out out/vith-head                                                  # Meta's weights, GPU
     python evaluate_embeddings.py --ckpt out/demo-head --features head
 
 The backbone (one of our run folders, or a released I-JEPA checkpoint with its yaml) is frozen: eval mode,
-no gradients, bf16 on GPUs. Its tokens after several blocks (--layers) are mean-pooled per block and
-combined, by a learned weighted sum or by concatenation and a projection, into one vector x; the head
+no gradients, bf16 on GPUs. Its tokens after several blocks (--layers) are mean-pooled per block,
+standardised with fixed statistics of the training images (pooled ViT features share one dominant
+direction), and combined, by a learned weighted sum or by concatenation and a projection, into x; the head
 x -> x + Linear(GELU(Linear(x))) -> LayerNorm -> Linear gives the features. Two random augmentations of
 each image (crop, flip, colour jitter, greyscale) must point the same way: L = 2 - 2 cos(p1, z2),
 symmetrised. Alone (--collapse-guard none) this collapses: every image maps to one vector and the loss goes
@@ -23,7 +24,9 @@ per-token features of the context must predict the backbone's (layer-normed) tar
 
 The output folder (--out) holds config.json (settings, the head's shape, a pointer to the backbone),
 model.safetensors (head.*: the online head that evaluation uses; online_predictor.*, target_head.*),
-metrics.jsonl and checkpoints/; --resume continues exactly. Results: RESULTS.md.
+metrics.jsonl and checkpoints/; --resume continues exactly. Tiny-ImageNet (2,000-image subset, ViT-tiny
+backbone of 6 blocks trained 4 epochs on a 2-core CPU): ema keeps RankMe ~12 and the linear probe at 4.3%
+(backbone 4.7%), none collapses (loss 0.0003, RankMe 2.0). Results: RESULTS.md.
 """
 
 import argparse

@@ -122,6 +122,14 @@ def guarded(path):
 # The fast path: the training loop's pieces
 
 
+def update(model, optimizer, loss):
+    """The rest of a training step, the same on both paths: backward, optimizer, EMA."""
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.update_target(0.996)
+
+
 def fast_path(args, model, sampler, images, device, mode, precision, steps, warmup, peak):
     model = model.to(device)
     optimizer = build_optimizer(model, args, device)
@@ -141,10 +149,7 @@ def fast_path(args, model, sampler, images, device, mode, precision, steps, warm
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss, _ = step_model(batch, **masks.model_inputs())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_target(0.996)
+        update(model, optimizer, loss)
 
     reset_memory(device)
     seconds = seconds_per_call(step, steps, warmup, device)
@@ -208,11 +213,7 @@ def baseline_path(args, model, sampler, images, device, steps, warmup, workers, 
     def step():
         batch, masks = next(batches)
         masks = map_tensors(masks, lambda t: t.to(device))
-        loss, _ = model(batch.to(device), **masks.model_inputs())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_target(0.996)
+        update(model, optimizer, model(batch.to(device), **masks.model_inputs())[0])
 
     reset_memory(device)
     seconds = seconds_per_call(step, steps, warmup, device)

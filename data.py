@@ -260,10 +260,10 @@ def read_tiny_imagenet(path, split, size, skip_bad):
         raise UserError(f"{path} is not in the tiny-imagenet-200 layout (no wnids.txt); "
                         "use imagefolder: for other layouts")
     root = roots[0]
-    wnids = files[root + "wnids.txt"].decode().split()
+    wnids = text_file(files, root + "wnids.txt", path).split()
     words = {}
     if root + "words.txt" in files:
-        for line in files[root + "words.txt"].decode().splitlines():
+        for line in text_file(files, root + "words.txt", path).splitlines():
             wnid, _, names = line.partition("\t")
             words[wnid] = names.split(",")[0].strip()
     index = {wnid: i for i, wnid in enumerate(wnids)}
@@ -277,7 +277,7 @@ def read_tiny_imagenet(path, split, size, skip_bad):
         annotations = files.get(root + "val/val_annotations.txt")
         if annotations is None:
             raise UserError(f"{path} has no val/val_annotations.txt; the tiny-imagenet-200 archive is incomplete")
-        for line in annotations.decode().splitlines():
+        for line in text_file(files, root + "val/val_annotations.txt", path).splitlines():
             fields_ = line.split("\t")
             rel = root + "val/images/" + fields_[0]
             if len(fields_) >= 2 and rel in files and fields_[1] in index:
@@ -286,6 +286,17 @@ def read_tiny_imagenet(path, split, size, skip_bad):
     images, labels, names, skipped = decode_all(entries, size, skip_bad)
     classes = [words.get(w, w) for w in wnids]
     return ImageSet(stack_images(images, names), torch.tensor(labels, dtype=torch.long), classes, skipped)
+
+
+def text_file(files, rel, path):
+    """A text file of the dataset from iter_files' {rel: bytes or OSError}, or one line naming what is wrong."""
+    payload = files[rel]
+    try:
+        if isinstance(payload, OSError):
+            raise payload
+        return payload.decode()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {rel} in {path} ({e}); the dataset is damaged") from None
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -456,7 +467,8 @@ def cached_read(kind, arg, split, data_root, storage_size, skip_bad, seed, image
         return read()
     stat = os.stat(arg) if os.path.exists(arg) else None
     key = json.dumps([kind, os.path.abspath(arg) if stat else arg, stat and stat.st_size, stat and stat.st_mtime_ns,
-                      split, storage_size, skip_bad, seed, image_column, label_column, 1])
+                      folder_fingerprint(arg) if stat else None, split, storage_size, skip_bad, seed, image_column,
+                      label_column, 1])
     path = os.path.join(data_root, "cache", hashlib.sha256(key.encode()).hexdigest()[:16] + ".safetensors")
     if os.path.isfile(path):
         try:
@@ -469,6 +481,24 @@ def cached_read(kind, arg, split, data_root, storage_size, skip_bad, seed, image
     except OSError:  # a read-only data root only costs the cache
         pass
     return data
+
+
+def folder_fingerprint(path):
+    """(files, total bytes, newest mtime of a file or folder) under a folder, from stat alone: a file replaced,
+    added, removed or renamed inside a class folder changes it, where the top folder's own mtime does not.
+    None for an archive, whose own size and mtime already tell."""
+    if not os.path.isdir(path):
+        return None
+    count = size = newest = 0
+    for root, _, files in os.walk(path):
+        newest = max(newest, os.stat(root).st_mtime_ns)
+        for name in files:
+            try:
+                stat = os.stat(os.path.join(root, name))
+            except OSError:  # a broken link: read_bytes reports it when the folder is read
+                continue
+            count, size, newest = count + 1, size + stat.st_size, max(newest, stat.st_mtime_ns)
+    return count, size, newest
 
 
 def _save_cached(path, data):

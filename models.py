@@ -650,7 +650,7 @@ def load_predictor(path, config=None):
     check_checkpoint_path(path, config)
     if is_official_checkpoint(path):
         return load_official_predictor(path, config)
-    predictor = Predictor(config_from_dict(PredictorConfig, read_run_config(path)["predictor"]))
+    predictor = Predictor(config_from_dict(PredictorConfig, read_run_config(path).get("predictor")))
     return load_state_strict(predictor, split_state(read_weights(path), "predictor."), "predictor").eval()
 
 
@@ -982,15 +982,19 @@ def load_hierarchical_head(folder):
     if "head" not in config or "backbone" not in config:
         raise ValueError(f"{folder} is not a hierarchical-head run (config.json has no 'head'); pass a folder "
                          "written by train_hierarchical_predictor.py")
-    pointer = config["backbone"]
+    head = HierarchicalHead(config_from_dict(HeadConfig, config["head"]))
+    pointer, image_size = config["backbone"], config.get("image_size")
+    keys = ("path", "relative_path", "config", "relative_config", "which")
+    if not isinstance(pointer, dict) or any(key not in pointer for key in keys) or not isinstance(image_size, int):
+        raise ValueError(f"{folder}/config.json is damaged: it needs 'image_size' and a 'backbone' with {keys}; "
+                         "retrain the head with train_hierarchical_predictor.py")
     yaml_path = None
     if pointer["config"]:
         yaml_path = resolve_pointer(folder, pointer["config"], pointer["relative_config"])
     backbone = load_encoder(resolve_pointer(folder, pointer["path"], pointer["relative_path"]), pointer["which"],
                             yaml_path)
-    head = HierarchicalHead(config_from_dict(HeadConfig, config["head"]))
     load_state_strict(head, split_state(read_weights(folder), "head."), "head")
-    return HeadFeatures(backbone, head, config["image_size"]).eval()
+    return HeadFeatures(backbone, head, image_size).eval()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,8 +24,11 @@ per-token features of the context must predict the backbone's (layer-normed) tar
 
 The output folder (--out) holds config.json (settings, the head's shape, a pointer to the backbone),
 model.safetensors (head.*: the online head that evaluation uses; online_predictor.*, target_head.*),
-metrics.jsonl and checkpoints/; --resume continues exactly. Tiny-ImageNet (2,000-image subset, ViT-tiny
-backbone of 6 blocks trained 4 epochs on a 2-core CPU): ema keeps RankMe ~12 and the linear probe at 4.3%
+metrics.jsonl and checkpoints/; --resume continues exactly (with the same backbone, head and objective).
+The run is as safe as train_ijepa.py's, with its pieces: SIGTERM/SIGINT save a checkpoint and exit 128 +
+signal, non-finite losses stop the run (or --skip-nonfinite N) and non-finite weights are never saved, and
+--overwrite clears an old run only once the new settings and data have loaded. Tiny-ImageNet (2,000-image
+subset, ViT-tiny backbone of 6 blocks trained 4 epochs on a 2-core CPU): ema keeps RankMe ~12 and the linear probe at 4.3%
 (backbone 4.7%), none collapses (loss 0.0003, RankMe 2.0). Results: RESULTS.md.
 """
 
@@ -40,15 +43,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (as_user_error, atomic_save_safetensors, atomic_write_json, collapse_metrics, exit_on_user_error,
-                    latest_checkpoint, linear_ramp, load_checkpoint, MetricsLog, param_groups, prepare_out_dir,
-                    save_checkpoint, set_optimizer_values, warmup_cosine)
+from common import (as_user_error, atomic_write_json, check_out_dir, check_same_model, collapse_metrics,
+                    exit_on_user_error, latest_checkpoint, linear_ramp, load_checkpoint, MetricsLog, param_groups,
+                    prepare_out_dir, run_bytes_needed, set_optimizer_values, warmup_cosine)
 from data import (class_balanced_subset, ColourJitter, eval_transform, InMemoryBatches, load_split, normalize,
                   RandomResizedCropFlip, step_generator, UserError)
 from masks import MultiBlockMaskSampler
 from models import (gather_tokens, HeadConfig, HierarchicalHead, is_official_checkpoint, layer_features, load_encoder,
                     load_predictor, official_yaml_beside, pooled_layer_features)
-from train_ijepa import config_defaults, MASK_SEED_OFFSET, non_negative_float, positive_int, StopRequest
+from train_ijepa import (add_run_arguments, any_process, config_defaults, make_accelerator, MASK_SEED_OFFSET,
+                         non_negative_float, non_negative_int, NonFiniteGuard, positive_int, StopRequest,
+                         write_checkpoint)
 
 SCRIPT = "train_hierarchical_predictor"
 
@@ -127,22 +132,15 @@ def build_parser():
     g.add_argument("--final-lr", type=non_negative_float, default=1e-6)
     g.add_argument("--warmup-epochs", type=non_negative_float, default=1)
     g.add_argument("--weight-decay", type=non_negative_float, default=0.05)
+    g.add_argument("--skip-nonfinite", type=non_negative_int, default=0, metavar="N", help="skip up to N updates "
+                   "whose loss or gradients are not finite (one host sync a step); 0: stop at the first, checked "
+                   "at log time")
     g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
                    help="for the head (the backbone runs in bf16 on GPUs regardless)")
 
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="out/head")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out (fresh if it has none)")
-    g.add_argument("--overwrite", action="store_true", help="replace a finished or stopped run in --out")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines")
-    g.add_argument("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
-    g.add_argument("--monitor-size", type=positive_int, default=512, help="held-out images for the per-epoch "
-                   "collapse monitor")
+    g = add_run_arguments(p, "out/head")
     g.add_argument("--statistics-size", type=positive_int, default=4096, help="training images (unaugmented) "
                    "that measure the standardisation of the head's inputs")
-    g.add_argument("--max-steps", type=positive_int, help="stop after this many steps (smoke tests)")
-    g.add_argument("--log-with", default=None, choices=("tensorboard",), help="an Accelerate tracker")
     return p
 
 
@@ -290,20 +288,32 @@ def seeded_sample(total, size, seed):
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:size].sort().values
 
 
+# What --resume must keep: the same backbone, head and objective (their weights are in the checkpoint) on as
+# many processes.
+SAME_RUN_KEYS = ("script", "backbone", "backbone_encoder", "head", "objective", "world_size")
+
+
+def run_config(args, pointer, backbone_cfg, head_cfg, image_size, data, world_size):
+    """Everything config.json records: evaluation rebuilds the head and finds the backbone from it alone."""
+    objective = {"collapse_guard": args.collapse_guard, "predictor_hidden": args.predictor_hidden,
+                 "jepa": args.jepa_weight > 0}
+    return {"script": SCRIPT, "args": vars(args), "backbone": pointer, "backbone_encoder": asdict(backbone_cfg),
+            "head": asdict(head_cfg), "objective": objective, "image_size": image_size, "classes": data.classes,
+            "train_images": len(data), "skipped_images": data.skipped, "world_size": world_size,
+            "torch": torch.__version__}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training
 
 
 def train(args):
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.log_with, project_dir=args.out)
+    accelerator = make_accelerator(args)
     main = accelerator.is_main_process
-    if main:
-        prepare_out_dir(args.out, args.resume, args.overwrite)
-    accelerator.wait_for_everyone()
-    resume = args.resume and latest_checkpoint(args.out) is not None
+    if main:  # before anything loads; an old run is only cleared once everything has been checked
+        check_out_dir(args.out, args.resume, args.overwrite)
     device = accelerator.device
 
     # -- backbone (frozen; bf16 on GPUs) and data
@@ -351,21 +361,28 @@ def train(args):
     trainer = HeadTrainer(head_cfg, input_features, args.collapse_guard, args.predictor_hidden, jepa_predictor)
     optimizer = torch.optim.AdamW(param_groups(trainer, args.weight_decay), lr=args.lr, fused=device.type == "cuda")
     trainer, optimizer = accelerator.prepare(trainer, optimizer)
-    config = {"script": SCRIPT, "args": vars(args), "backbone": pointer, "backbone_encoder": asdict(backbone.cfg),
-              "head": asdict(head_cfg), "image_size": image_size, "classes": train_set.classes,
-              "train_images": len(train_set), "skipped_images": train_set.skipped,
-              "world_size": accelerator.num_processes, "torch": torch.__version__}
+    config = run_config(args, pointer, backbone.cfg, head_cfg, image_size, train_set, accelerator.num_processes)
+
+    # -- the output folder, once the settings and data have loaded; then the checkpoint to resume
+    if main:
+        needed = run_bytes_needed(accelerator.unwrap_model(trainer))
+        if prepare_out_dir(args.out, args.resume, args.overwrite, needed):
+            check_same_model(args.out, config, keys=SAME_RUN_KEYS)
+    accelerator.wait_for_everyone()
+    start_step, skipped_updates = 0, 0
+    if args.resume and latest_checkpoint(args.out):
+        path = latest_checkpoint(args.out)
+        state = load_checkpoint(accelerator, path)
+        start_step, skipped_updates = state["step"], state.get("skipped_nonfinite", 0)
+        accelerator.print(f"resumed from {path} at step {start_step}")
     if main:
         atomic_write_json(os.path.join(args.out, "config.json"), config)
+        if train_set.skipped:
+            accelerator.print(f"skipped {train_set.skipped} unreadable images (--skip-bad-images)")
     if args.log_with:
         accelerator.init_trackers(os.path.basename(os.path.normpath(args.out)), config=vars(args))
-
-    start_step = 0
-    if resume:
-        path = latest_checkpoint(args.out)
-        start_step = load_checkpoint(accelerator, path)["step"]
-        accelerator.print(f"resumed from {path} at step {start_step}")
-    metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), main, start_step if resume else None)
+    # Lines past the resumed step are a killed run's stale tail; a fresh start keeps none (it logs step 0 anew).
+    metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), main, start_step if start_step else -1)
 
     # -- collapse monitor: the backbone is frozen, so its features of the held-out images are computed once
     monitor_pooled = torch.cat([features(chunk) for chunk in monitor_images.split(256)])
@@ -386,18 +403,18 @@ def train(args):
                 linear_ramp(step, total_steps, *args.ema))
 
     def checkpoint(step):
-        state = {"step": step, "epoch": step / steps_per_epoch, "world_size": accelerator.num_processes}
-        weights = {k: v for k, v in accelerator.get_state_dict(trainer).items() if not k.startswith("jepa_predictor.")}
-        if main:
-            atomic_save_safetensors(os.path.join(args.out, "model.safetensors"), weights,
-                                    metadata={"step": str(step), "script": SCRIPT, "backbone": pointer["path"]})
-        return save_checkpoint(accelerator, args.out, state)
+        state = {"step": step, "epoch": step / steps_per_epoch, "world_size": accelerator.num_processes,
+                 "skipped_nonfinite": guard.skipped}
+        return write_checkpoint(accelerator, args.out, trainer, state, guard,
+                                {"script": SCRIPT, "backbone": pointer["path"]}, leave_out=("jepa_predictor.",))
 
-    # -- loop
-    if not resume:
+    # -- loop (as train_ijepa's: signals stop it with a checkpoint, non-finite values are never saved)
+    if start_step == 0:
         metrics.write({"step": 0, "epoch": 0.0, **monitor()})
     stop = StopRequest()
     bar = tqdm(total=last_step, initial=start_step, disable=not main, dynamic_ncols=True)
+    guard = NonFiniteGuard(accelerator, args.out, args.skip_nonfinite, skipped_updates, bar)
+    stopping = False
     window_start, window_images, step = time.perf_counter(), 0, start_step
     trainer.train()
     while step < last_step:
@@ -410,16 +427,23 @@ def train(args):
         with accelerator.autocast():
             loss, info = trainer(pooled, jepa, args.jepa_weight)
         accelerator.backward(loss)
-        optimizer.step()
+        guard.observe(loss)
+        update = guard.update_allowed(trainer, step)
+        if update:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        accelerator.unwrap_model(trainer).update_target(momentum)
+        if update:
+            accelerator.unwrap_model(trainer).update_target(momentum)
         window_images += views.shape[1] * accelerator.num_processes
         step += 1
         bar.update(1)
         epoch_end = step % steps_per_epoch == 0 or step == last_step
-        if step % args.log_every == 0 or epoch_end or stop.signal:
-            if not torch.isfinite(info["loss"]):
-                raise UserError(f"non-finite loss at step {step}; lower --lr")
+        stopping = stop.signal is not None and accelerator.num_processes == 1  # several agree at log time
+        if step % args.log_every == 0 or epoch_end or stopping:
+            nonfinite, stop_seen = any_process(accelerator, guard.flag, stop.signal is not None)  # one host sync
+            stopping |= stop_seen
+            if nonfinite:
+                guard.stop(step)
             elapsed = time.perf_counter() - window_start
             record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr, "momentum": momentum,
                       "images_per_s": window_images / max(elapsed, 1e-9), **{k: float(v) for k, v in info.items()}}
@@ -429,17 +453,19 @@ def train(args):
             metrics.write(record)
             accelerator.log(record, step=step)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-        if stop.signal:
+        if stopping:
             path = checkpoint(step)
-            accelerator.print(f"\n{stop.signal}: saved a resumable checkpoint at step {step} in {path}; "
-                              f"continue with --resume --out {args.out}")
+            accelerator.print(f"\n{stop.signal or 'stop requested'}: saved a resumable checkpoint at step {step} "
+                              f"in {path}; continue with --resume --out {args.out}")
             break
         if epoch_end and ((step // steps_per_epoch) % args.save_every == 0 or step == last_step):
             checkpoint(step)
     bar.close()
+    stop.restore()
     accelerator.end_training()
-    if main and not stop.signal:
-        accelerator.print(f"done: {step} steps; head and checkpoint in {args.out}")
+    if stopping:
+        sys.exit(stop.exit_code)
+    accelerator.print(f"done: {step} steps; head and checkpoint in {args.out}")
     return trainer
 
 

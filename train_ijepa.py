@@ -128,8 +128,18 @@ def build_parser(description=__doc__):
     g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
                    help="default: accelerate's config (bf16 is the fast choice on GPUs)")
 
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="out/ijepa")
+    g = add_run_arguments(p, "out/ijepa")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (static shapes: compiles once)")
+    g.add_argument("--cuda-graphs", action="store_true", help="torch.compile with CUDA graphs (mode "
+                   "reduce-overhead): for small models, where kernel launches dominate; CUDA only")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward")
+    return p
+
+
+def add_run_arguments(parser, default_out):
+    """The "run" flags every training script shares; returns the group for script-specific additions."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", default=default_out)
     g.add_argument("--resume", action="store_true", help="continue the run in --out (fresh if it has none)")
     g.add_argument("--overwrite", action="store_true", help="replace a finished or stopped run in --out")
     g.add_argument("--seed", type=int, default=0)
@@ -139,11 +149,17 @@ def build_parser(description=__doc__):
                    "per-epoch collapse monitor")
     g.add_argument("--max-steps", type=positive_int, help="stop after this many steps (smoke tests)")
     g.add_argument("--log-with", default=None, choices=("tensorboard",), help="an Accelerate tracker")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (static shapes: compiles once)")
-    g.add_argument("--cuda-graphs", action="store_true", help="torch.compile with CUDA graphs (mode "
-                   "reduce-overhead): for small models, where kernel launches dominate; CUDA only")
-    g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward")
-    return p
+    return g
+
+
+def make_accelerator(args, **kwargs):
+    """The run's Accelerator. Several processes without CUDA (torch.distributed.run on CPU) need cpu=True
+    for Accelerate to use gloo."""
+    from accelerate import Accelerator
+
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=args.mixed_precision, log_with=args.log_with, project_dir=args.out,
+                       cpu=multi_cpu, **kwargs)
 
 
 # Official I-JEPA yaml (sections data/mask/meta/optimization/logging) -> our flag names.
@@ -464,6 +480,27 @@ class NonFiniteGuard:
                         "(lower --lr, use --mixed-precision bf16 instead of fp16, or --skip-nonfinite N)")
 
 
+def write_checkpoint(accelerator, out, model, state, guard, metadata, leave_out=()):
+    """model.safetensors (less the weights whose names start with one of leave_out) and a resumable
+    checkpoint, never with non-finite weights; a failed write is one line naming the intact checkpoint."""
+    from safetensors import SafetensorError
+
+    step = state["step"]
+    if not all_finite(list(model.parameters())):  # a finite loss can still end in an overflowing update
+        guard.stop(step, "non-finite weights")
+    weights = {k: v for k, v in accelerator.get_state_dict(model).items() if not k.startswith(tuple(leave_out))}
+    try:
+        if accelerator.is_main_process:
+            atomic_save_safetensors(os.path.join(out, "model.safetensors"), weights,
+                                    metadata={"step": str(step), **metadata})
+        return save_checkpoint(accelerator, out, state)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap OSErrors
+        guard.bar.close()
+        raise UserError(f"cannot write the step {step} checkpoint in {out} ({one_line(e)}); the last complete "
+                        f"one, {latest_checkpoint(out) or 'none'}, is intact: free some space and continue with "
+                        "--resume") from None
+
+
 @torch.no_grad()
 def monitor(accelerator, model, images):
     """Collapse monitor: statistics of the target encoder's mean-pooled features on a fixed batch."""
@@ -474,14 +511,9 @@ def monitor(accelerator, model, images):
 
 
 def train(args, model, sampler, script="train_ijepa"):
-    from accelerate import Accelerator
-    from safetensors import SafetensorError
     from tqdm.auto import tqdm
 
-    # Several processes without CUDA (torch.distributed.run on CPU) need cpu=True for Accelerate to use gloo.
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
-                              log_with=args.log_with, project_dir=args.out, cpu=multi_cpu)
+    accelerator = make_accelerator(args, gradient_accumulation_steps=args.grad_accum)
     main = accelerator.is_main_process
     if main:  # before the data loads; an old run is only cleared once everything has been checked
         check_out_dir(args.out, args.resume, args.overwrite)
@@ -550,19 +582,7 @@ def train(args, model, sampler, script="train_ijepa"):
     def checkpoint(step):
         state = {"step": step, "epoch": step / steps_per_epoch, "world_size": accelerator.num_processes,
                  "skipped_nonfinite": guard.skipped}
-        if not all_finite(list(model.parameters())):  # a finite loss can still end in an overflowing update
-            guard.stop(step, "non-finite weights")
-        weights = accelerator.get_state_dict(model)
-        try:
-            if main:
-                atomic_save_safetensors(os.path.join(args.out, "model.safetensors"), weights,
-                                        metadata={"step": str(step), "script": script})
-            return save_checkpoint(accelerator, args.out, state)
-        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap OSErrors
-            bar.close()
-            raise UserError(f"cannot write the step {step} checkpoint in {args.out} ({one_line(e)}); the last "
-                            f"complete one, {latest_checkpoint(args.out) or 'none'}, is intact: free some space "
-                            "and continue with --resume") from None
+        return write_checkpoint(accelerator, args.out, model, state, guard, {"script": script})
 
     # -- loop
     stop = StopRequest()

@@ -166,3 +166,34 @@ def test_an_official_checkpoint_as_backbone(trained_run, tmp_path):
     model = load_hierarchical_head(str(out))
     ours = load_encoder(str(trained_run), "context")
     assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+def test_run_folders_missing_a_config_section_are_one_line_errors(trained_run, tmp_path):
+    from dataclasses import asdict
+
+    from models import load_predictor
+
+    folder = tmp_path / "no_predictor"
+    folder.mkdir()
+    config = json.loads((trained_run / "config.json").read_text())
+    del config["predictor"]
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").symlink_to(trained_run / "model.safetensors")
+    with pytest.raises(ValueError, match="PredictorConfig settings must be a mapping, got None"):
+        load_predictor(str(folder))
+
+    head = tmp_path / "damaged_head"
+    head.mkdir()
+    pointer = {"path": str(trained_run), "relative_path": "x", "config": None, "relative_config": None,
+               "which": "target"}
+    for damage in ({"image_size": None}, {"backbone": {k: v for k, v in pointer.items() if k != "which"}},
+                   {"backbone": "elsewhere"}):
+        config = {"head": asdict(HeadConfig(embed_dim=D, layers=(-1, -2), hidden=64)), "backbone": pointer,
+                  "image_size": 32, **damage}
+        (head / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=r"config.json is damaged: it needs 'image_size' and a 'backbone'"):
+            load_hierarchical_head(str(head))
+    config["head"] = None
+    (head / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="HeadConfig settings must be a mapping, got None"):
+        load_hierarchical_head(str(head))

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from common import (CHECKPOINTS, check_out_dir, collapse_metrics, latest_checkpoint, prepare_out_dir,
                     read_metrics, STATE_FILE)
 from conftest import ROOT, TINY_TRAIN, run_script
-from data import UserError
+from data import load_split, UserError
 
 # Eight epochs of five steps with a checkpoint after each and a log line every step, so that kills land in
 # steps, in the collapse monitor (at each epoch's end) and in checkpoint writes.
@@ -139,7 +139,7 @@ def assert_same_run(out, reference):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    losses = lambda path: [(m["step"], m["loss"]) for m in read_metrics(os.path.join(path, "metrics.jsonl"))]
+    losses = lambda path: [(m["step"], m.get("loss")) for m in read_metrics(os.path.join(path, "metrics.jsonl"))]
     assert losses(out) == losses(reference)
 
 
@@ -428,3 +428,163 @@ def test_other_scripts_killed_mid_checkpoint_resume_to_the_same_weights(tmp_path
     assert launch(out, "--resume", args=args, command=command).wait() == 0, output_of(out)[-3000:]
     a, b = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------------
+# train_hierarchical_predictor.py: the same guarantees as train_ijepa.py's loop
+
+HEAD = os.path.join(ROOT, "train_hierarchical_predictor.py")
+# Five steps an epoch (320 images, batches of 64), a log line every step.
+HEAD_RUN = [*OTHER_SCRIPTS["train_hierarchical_predictor.py"], "--log-every", "1"]
+
+
+def head_args(trained_run, data_root, *extra):
+    return [*HEAD_RUN, "--backbone", str(trained_run), "--data-root", str(data_root), *map(str, extra)]
+
+
+def test_head_overwrite_keeps_the_old_run_until_the_new_settings_load(tmp_path, trained_run):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"the": "old run"}\n')
+    (out / "metrics.jsonl").write_text('{"step": 0}\n')
+    for bad in (["--layers=-1,-9"], ["--dataset", f"imagefolder:{tmp_path / 'missing'}"]):
+        proc = run_script("train_hierarchical_predictor.py", *head_args(trained_run, tmp_path, *bad), "--overwrite",
+                          "--out", out, check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert (out / "config.json").read_text() == '{"the": "old run"}\n' and (out / "metrics.jsonl").exists()
+
+
+def test_head_fresh_restart_drops_the_stale_metrics_of_a_killed_run(tmp_path, trained_run):
+    out = tmp_path / "run"
+    out.mkdir()  # killed before its first checkpoint: metrics but nothing to resume
+    (out / "metrics.jsonl").write_text('{"step": 0, "loss": 7.0}\n{"step": 3, "loss": 7.0}\n{"step": 4, "lo')
+    run_script("train_hierarchical_predictor.py", *head_args(trained_run, tmp_path, "--epochs", "1"), "--resume",
+               "--out", out)
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5] and all(r.get("loss") != 7.0 for r in records)
+
+
+# Trains the head with gradients that overflow at chosen backward passes while the loss stays finite:
+# argv[1] lists the passes, the rest are train_hierarchical_predictor.py flags.
+OVERFLOWING_HEAD = """
+import sys
+sys.path.insert(0, {root!r})
+import train_hierarchical_predictor as script
+
+bad_passes = {{int(k) for k in sys.argv[1].split(",")}}
+passes = [0]
+
+def overflow(grad):
+    passes[0] += 1
+    return grad * float("inf") if passes[0] in bad_passes else grad
+
+class Overflowing(script.HeadTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head.out.weight.register_hook(overflow)
+
+script.HeadTrainer = Overflowing
+script.main(sys.argv[2:])
+"""
+
+
+def train_head_with_overflows(tmp_path, trained_run, out, bad_passes, *flags):
+    driver = tmp_path / "overflowing_head.py"
+    driver.write_text(OVERFLOWING_HEAD.format(root=ROOT))
+    return subprocess.run([sys.executable, str(driver), ",".join(map(str, bad_passes)),
+                           *head_args(trained_run, tmp_path, "--epochs", "2", *flags), "--out", str(out)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_head_nonfinite_weights_and_losses_are_never_saved(tmp_path, trained_run):
+    out = tmp_path / "overflow"
+    proc = train_head_with_overflows(tmp_path, trained_run, out, [5])  # step 5 ends epoch 1: NaN weights
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert last_line(proc.stderr).startswith("error: non-finite weights at or before step 5; the last good "
+                                             "checkpoint is none yet")
+    assert not (out / CHECKPOINTS).exists() and not (out / "model.safetensors").exists()
+
+    out = tmp_path / "blows_up"  # NaN weights after step 7: the loss of step 8 is NaN, caught at its log line
+    proc = train_head_with_overflows(tmp_path, trained_run, out, [7])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.fullmatch(r"error: non-finite loss at or before step 8; the last good checkpoint is "
+                        rf"{re.escape(str(out))}/checkpoints/step_000000005 \(lower --lr.*\)", last_line(proc.stderr))
+    assert sorted(os.listdir(out / CHECKPOINTS)) == ["latest", "step_000000005"]
+    assert all(torch.isfinite(w).all() for w in load_file(out / "model.safetensors").values())
+
+    out = tmp_path / "skips"  # --skip-nonfinite: the bad update is skipped and the run finishes
+    proc = train_head_with_overflows(tmp_path, trained_run, out, [7], "--skip-nonfinite", "1")
+    assert proc.returncode == 0 and "step 7: non-finite loss or gradients, update skipped" in proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def head_reference(tmp_path_factory, trained_run):
+    out = tmp_path_factory.mktemp("head_reference") / "run"
+    run_script("train_hierarchical_predictor.py", *head_args(trained_run, out.parent), "--out", out)
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda sig: sig.name)
+def test_head_signal_saves_a_checkpoint_exits_unfinished_and_resumes_exactly(tmp_path, trained_run, head_reference,
+                                                                            sig):
+    out, args = tmp_path / "stopped", head_args(trained_run, head_reference.parent)
+    proc = launch(out, args=args, command=(sys.executable, HEAD))
+    assert wait_for(logged_since(out, 0, 6), proc), output_of(out)[-3000:]  # inside epoch 2
+    proc.send_signal(sig)
+    assert proc.wait() == 128 + sig, output_of(out)[-3000:]
+    match = re.search(r"(SIGTERM|SIGINT): saved a resumable checkpoint at step (\d+) in (\S+);", output_of(out))
+    assert match and match[1] == sig.name and match[3] == latest_checkpoint(str(out))
+    assert 7 <= int(match[2]) < 20
+    assert_complete_checkpoint(out)
+    run_script("train_hierarchical_predictor.py", *args, "--out", out, "--resume")
+    assert_same_run(out, head_reference)
+
+
+def test_head_resume_with_other_settings_is_refused_before_config_json_changes(tmp_path, trained_run):
+    out = tmp_path / "run"
+    args = head_args(trained_run, tmp_path, "--epochs", "1")
+    run_script("train_hierarchical_predictor.py", *args, "--out", out)
+    config = (out / "config.json").read_text()
+    proc = run_script("train_hierarchical_predictor.py", *args, "--hidden", "32", "--collapse-guard", "stopgrad",
+                      "--epochs", "2", "--out", out, "--resume", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert re.search(r"cannot resume \S+ with different settings: head\.hidden 64 -> 32, objective\.collapse_guard "
+                     r"'ema' -> 'stopgrad';", proc.stderr), proc.stderr
+    assert (out / "config.json").read_text() == config
+    run_script("train_hierarchical_predictor.py", *args, "--epochs", "2", "--out", out, "--resume")
+    assert read_metrics(out / "metrics.jsonl")[-1]["step"] == 10
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets: damaged tiny-imagenet text files, a decoded-image cache that follows edits inside class folders
+
+
+def test_unreadable_tiny_imagenet_text_files_are_one_line_errors(tmp_path):
+    from test_data import make_tiny_imagenet
+
+    root = make_tiny_imagenet(tmp_path / "tin")
+    wnids = root / "tiny-imagenet-200" / "wnids.txt"
+    wnids.unlink()
+    wnids.symlink_to(tmp_path / "nowhere")  # a broken link: listed, not readable
+    with pytest.raises(UserError, match=r"cannot read tiny-imagenet-200/wnids.txt in .*; the dataset is damaged"):
+        load_split(f"tiny-imagenet:{root}", "train", cache=False)
+    wnids.unlink()
+    wnids.write_bytes(b"n01\xff\xfe\n")
+    with pytest.raises(UserError, match="cannot read tiny-imagenet-200/wnids.txt"):
+        load_split(f"tiny-imagenet:{root}", "train", cache=False)
+
+
+def test_the_decoded_image_cache_follows_a_file_replaced_inside_a_class_folder(tmp_path):
+    from test_data import make_imagefolder, save_image
+
+    root = make_imagefolder(tmp_path / "pets")
+    spec, settings = f"imagefolder:{root}", dict(data_root=str(tmp_path), storage_size=8)
+    first = load_split(spec, "train", **settings)
+    top_mtime = os.stat(root).st_mtime_ns
+    save_image(root / "train" / "cat" / "1.png", size=(16, 16), color=(0, 0, 255))  # same name, new pixels
+    assert os.stat(root).st_mtime_ns == top_mtime  # the top folder cannot tell
+    again = load_split(spec, "train", **settings)
+    changed = (again.images != first.images).flatten(1).any(1)
+    assert changed.sum() == 1 and again.images[changed][0, 2].min() == 255
+    assert torch.equal(load_split(spec, "train", **settings).images, again.images)
+    assert len(os.listdir(tmp_path / "cache")) == 2

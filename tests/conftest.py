@@ -26,6 +26,14 @@ def run_script(script, *args, check=True, env=None, timeout=600):
     return proc
 
 
+@pytest.fixture(autouse=True)
+def seeded_torch():
+    """Every test starts from the same global seed: unseeded draws cannot make a test flaky."""
+    import torch
+
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """One finished two-epoch I-JEPA run on digits, shared by the tests that only read it."""

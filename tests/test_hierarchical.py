@@ -44,7 +44,9 @@ def test_weighted_sum_starts_as_the_mean_and_learns_which_layer_counts():
 
 def test_input_standardisation_uses_the_measured_statistics():
     head = HierarchicalHead(HeadConfig(embed_dim=D, layers=(-1, -2), hidden=64))
-    features = torch.randn(256, 2, D) * torch.rand(2, D) * 5 + torch.randn(2, D) * 3
+    generator = torch.Generator().manual_seed(0)
+    scale = 0.5 + 5 * torch.rand(2, D, generator=generator)  # away from 0: a constant dimension has no std
+    features = torch.randn(256, 2, D, generator=generator) * scale + 3 * torch.randn(2, D, generator=generator)
     head.set_input_statistics(features)
     with torch.no_grad():
         head.layer_logits.copy_(torch.tensor([30.0, 0.0]))  # read layer 0 alone

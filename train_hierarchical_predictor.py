@@ -51,9 +51,9 @@ from data import (class_balanced_subset, ColourJitter, eval_transform, InMemoryB
 from masks import MultiBlockMaskSampler
 from models import (gather_tokens, HeadConfig, HierarchicalHead, is_official_checkpoint, layer_features, load_encoder,
                     load_predictor, official_yaml_beside, pooled_layer_features)
-from train_ijepa import (add_run_arguments, any_process, config_defaults, make_accelerator, MASK_SEED_OFFSET,
-                         non_negative_float, non_negative_int, NonFiniteGuard, positive_int, StopRequest,
-                         write_checkpoint)
+from train_ijepa import (add_run_arguments, config_defaults, end_run, log_time_checks, make_accelerator,
+                         MASK_SEED_OFFSET, non_negative_float, non_negative_int, NonFiniteGuard, positive_int,
+                         save_when_due, StopRequest, write_checkpoint)
 
 SCRIPT = "train_hierarchical_predictor"
 
@@ -440,10 +440,7 @@ def train(args):
         epoch_end = step % steps_per_epoch == 0 or step == last_step
         stopping = stop.signal is not None and accelerator.num_processes == 1  # several agree at log time
         if step % args.log_every == 0 or epoch_end or stopping:
-            nonfinite, stop_seen = any_process(accelerator, guard.flag, stop.signal is not None)  # one host sync
-            stopping |= stop_seen
-            if nonfinite:
-                guard.stop(step)
+            stopping |= log_time_checks(accelerator, guard, stop, step)
             elapsed = time.perf_counter() - window_start
             record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr, "momentum": momentum,
                       "images_per_s": window_images / max(elapsed, 1e-9), **{k: float(v) for k, v in info.items()}}
@@ -453,19 +450,10 @@ def train(args):
             metrics.write(record)
             accelerator.log(record, step=step)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-        if stopping:
-            path = checkpoint(step)
-            accelerator.print(f"\n{stop.signal or 'stop requested'}: saved a resumable checkpoint at step {step} "
-                              f"in {path}; continue with --resume --out {args.out}")
+        if save_when_due(accelerator, args, checkpoint, step, steps_per_epoch, last_step, stopping, stop):
             break
-        if epoch_end and ((step // steps_per_epoch) % args.save_every == 0 or step == last_step):
-            checkpoint(step)
     bar.close()
-    stop.restore()
-    accelerator.end_training()
-    if stopping:
-        sys.exit(stop.exit_code)
-    accelerator.print(f"done: {step} steps; head and checkpoint in {args.out}")
+    end_run(accelerator, stop, stopping, f"done: {step} steps; head and checkpoint in {args.out}")
     return trainer
 
 

@@ -623,10 +623,7 @@ def train(args, model, sampler, script="train_ijepa"):
         epoch_end = step % steps_per_epoch == 0 or step == last_step
         stopping = stop.signal is not None and accelerator.num_processes == 1  # several agree at log time
         if step % args.log_every == 0 or epoch_end or stopping:
-            nonfinite, stop_seen = any_process(accelerator, guard.flag, stop.signal is not None)  # one host sync
-            stopping |= stop_seen
-            if nonfinite:
-                guard.stop(step)
+            stopping |= log_time_checks(accelerator, guard, stop, step)
             elapsed = time.perf_counter() - window_start
             record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr, "weight_decay": weight_decay,
                       "momentum": momentum, "images_per_s": window_images / max(elapsed, 1e-9),
@@ -641,21 +638,44 @@ def train(args, model, sampler, script="train_ijepa"):
             metrics.write(record)
             accelerator.log(record, step=step)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", ips=f"{record['images_per_s']:.0f}")
-        if stopping:
-            path = checkpoint(step)
-            accelerator.print(f"\n{stop.signal or 'stop requested'}: saved a resumable checkpoint at step {step} "
-                              f"in {path}; continue with --resume --out {args.out}")
+        if save_when_due(accelerator, args, checkpoint, step, steps_per_epoch, last_step, stopping, stop):
             break
-        if epoch_end and ((step // steps_per_epoch) % args.save_every == 0 or step == last_step):
-            checkpoint(step)
     bar.close()
     mask_stream.close()
+    end_run(accelerator, stop, stopping, f"done: {step} steps; model and checkpoint in {args.out}")
+    return model
+
+
+def log_time_checks(accelerator, guard, stop, step):
+    """The one host synchronisation of a log step: a non-finite loss on any process stops the run (naming
+    the step); a stop signal seen by any process stops them all. Returns whether to stop."""
+    nonfinite, stop_seen = any_process(accelerator, guard.flag, stop.signal is not None)
+    if nonfinite:
+        guard.stop(step)
+    return stop_seen
+
+
+def save_when_due(accelerator, args, checkpoint, step, steps_per_epoch, last_step, stopping, stop):
+    """Checkpoint on a stop request (and say where), or after every --save-every-th epoch and the last
+    step. Returns True when the loop must stop."""
+    if stopping:
+        path = checkpoint(step)
+        accelerator.print(f"\n{stop.signal or 'stop requested'}: saved a resumable checkpoint at step {step} "
+                          f"in {path}; continue with --resume --out {args.out}")
+        return True
+    epoch_end = step % steps_per_epoch == 0 or step == last_step
+    if epoch_end and ((step // steps_per_epoch) % args.save_every == 0 or step == last_step):
+        checkpoint(step)
+    return False
+
+
+def end_run(accelerator, stop, stopping, message):
+    """Restore the signal handlers and close the trackers; a run stopped by a signal exits 128 + signal."""
     stop.restore()
     accelerator.end_training()
     if stopping:
         sys.exit(stop.exit_code)
-    accelerator.print(f"done: {step} steps; model and checkpoint in {args.out}")
-    return model
+    accelerator.print(message)
 
 
 @exit_on_user_error

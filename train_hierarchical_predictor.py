@@ -51,9 +51,9 @@ from data import (class_balanced_subset, ColourJitter, eval_transform, InMemoryB
 from masks import MultiBlockMaskSampler
 from models import (gather_tokens, HeadConfig, HierarchicalHead, is_official_checkpoint, layer_features, load_encoder,
                     load_predictor, official_yaml_beside, pooled_layer_features)
-from train_ijepa import (add_run_arguments, config_defaults, end_run, log_time_checks, make_accelerator,
-                         MASK_SEED_OFFSET, non_negative_float, non_negative_int, NonFiniteGuard, positive_int,
-                         save_when_due, StopRequest, write_checkpoint)
+from train_ijepa import (add_dataset_arguments, add_run_arguments, config_defaults, end_run, log_time_checks,
+                         make_accelerator, MASK_SEED_OFFSET, non_negative_float, non_negative_int, NonFiniteGuard,
+                         positive_int, save_when_due, StopRequest, write_checkpoint)
 
 SCRIPT = "train_hierarchical_predictor"
 
@@ -91,15 +91,11 @@ def build_parser():
     g.add_argument("--image-size", type=positive_int, help="input size (default: the backbone's; position "
                    "embeddings interpolate for other sizes)")
 
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="digits", help="digits | cifar10 | cifar100 | imagefolder:<dir|tar> | "
-                   "tiny-imagenet:<dir|tar.gz> | hf:<hub id>")
-    g.add_argument("--data-root", default="data", help="where cifar downloads and decoded-image caches go")
+    g = add_dataset_arguments(p)
     g.add_argument("--storage-size", type=positive_int, help="size images are decoded to for folders and hub "
                    "datasets (default: as stored)")
     g.add_argument("--subset", type=positive_int, help="train on a seeded class-balanced subset of about this many "
                    "images (2000 is the study's scale)")
-    g.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
     g.add_argument("--crop-scale", type=float, nargs=2, default=(0.2, 1.0), help="random resized crop area")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flip")
     g.add_argument("--jitter", type=non_negative_float, nargs=4, default=(0.4, 0.4, 0.2, 0.1),
@@ -269,7 +265,8 @@ class TwoViews:
 
 def load_data(args, image_size, device):
     settings = dict(data_root=args.data_root, storage_size=args.storage_size, seed=args.seed,
-                    skip_bad_images=args.skip_bad_images)
+                    skip_bad_images=args.skip_bad_images, image_column=args.image_column,
+                    label_column=args.label_column)
     train_set = load_split(args.dataset, "train", **settings)
     if args.subset:
         classes = len(train_set.labels.unique())

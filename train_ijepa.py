@@ -69,18 +69,12 @@ def build_parser(description=__doc__):
     p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of settings (flag names, or the official I-JEPA sections)")
 
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="digits", help="digits | cifar10 | cifar100 | imagefolder:<dir|tar> | "
-                   "tiny-imagenet:<dir|tar.gz> | hf:<hub id>")
-    g.add_argument("--data-root", default="data", help="where cifar downloads and decoded-image caches go")
+    g = add_dataset_arguments(p)
     g.add_argument("--image-size", type=positive_int, help="input size (default: 32 for digits/cifar, "
                    "64 for tiny-imagenet, else 224)")
     g.add_argument("--storage-size", type=positive_int, help="size images are decoded to for folders and hub "
                    "datasets (default: the image size, or 8/7 of it above 64 px)")
     g.add_argument("--max-per-class", type=positive_int, help="train on a seeded class-balanced subset")
-    g.add_argument("--image-column", help="hf: image column (default: found by type)")
-    g.add_argument("--label-column", help="hf: label column (default: found by type)")
-    g.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
     g.add_argument("--crop-scale", type=float, nargs=2, default=(0.3, 1.0), help="random resized crop area")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flip")
     g.add_argument("--data-on-gpu", action=argparse.BooleanOptionalAction, default=True,
@@ -134,6 +128,18 @@ def build_parser(description=__doc__):
                    "reduce-overhead): for small models, where kernel launches dominate; CUDA only")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward")
     return p
+
+
+def add_dataset_arguments(parser):
+    """The "data" flags that name and read a dataset, shared by the training scripts; returns the group."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="digits", help="digits | cifar10 | cifar100 | imagefolder:<dir|tar> | "
+                   "tiny-imagenet:<dir|tar.gz> | hf:<hub id>")
+    g.add_argument("--data-root", default="data", help="where cifar downloads and decoded-image caches go")
+    g.add_argument("--image-column", help="hf: image column (default: found by type)")
+    g.add_argument("--label-column", help="hf: label column (default: found by type)")
+    g.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
+    return g
 
 
 def add_run_arguments(parser, default_out):

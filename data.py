@@ -415,6 +415,12 @@ def holdout_split(labels, fraction, seed):
     return torch.cat(train).sort().values, torch.cat(held).sort().values
 
 
+def seeded_sample(total, size, seed):
+    """Sorted indices of min(size, total) items drawn at random: splits are often sorted by class, so
+    their first items would be one class."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+
+
 def class_balanced_subset(labels, per_class, seed):
     """Seeded choice of at most per_class indices of each class, sorted."""
     generator = torch.Generator().manual_seed(seed)
@@ -846,13 +852,14 @@ class StreamedImageFolder(torch.utils.data.Dataset):
                 error = str(e)
         return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, error
 
-    def load(self, count):
-        """The first `count` images in memory, as an ImageSet (the collapse monitor's batch)."""
-        items = [self[i] for i in range(min(count, len(self)))]
+    def load(self, indices):
+        """The images at `indices` in memory, as an ImageSet (the collapse monitor's batch)."""
+        items = [self[int(i)] for i in indices]
         for _, _, error in items:
             if error:
                 raise UserError(error)
-        return ImageSet(torch.stack([image for image, _, _ in items]), self.labels[: len(items)], self.classes)
+        return ImageSet(torch.stack([image for image, _, _ in items]), self.labels[torch.as_tensor(indices)],
+                        self.classes)
 
 
 def open_stream(spec, split, storage_size, max_per_class=None, seed=0, skip_bad_images=False):

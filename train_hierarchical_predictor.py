@@ -47,7 +47,7 @@ from common import (as_user_error, atomic_write_json, check_out_dir, check_same_
                     exit_on_user_error, latest_checkpoint, linear_ramp, load_checkpoint, MetricsLog, param_groups,
                     prepare_out_dir, run_bytes_needed, set_optimizer_values, warmup_cosine)
 from data import (class_balanced_subset, ColourJitter, eval_transform, InMemoryBatches, load_split, normalize,
-                  RandomResizedCropFlip, step_generator, UserError)
+                  RandomResizedCropFlip, seeded_sample, step_generator, UserError)
 from masks import MultiBlockMaskSampler
 from models import (gather_tokens, HeadConfig, HierarchicalHead, is_official_checkpoint, layer_features, load_encoder,
                     load_predictor, official_yaml_beside, pooled_layer_features)
@@ -278,11 +278,6 @@ def load_data(args, image_size, device):
     sample = seeded_sample(len(held_out), args.monitor_size, args.seed)
     monitor_images = eval_transform(held_out.images[sample].to(device), image_size)
     return train_set, monitor_images
-
-
-def seeded_sample(total, size, seed):
-    """Sorted indices of min(size, total) items drawn at random: splits are often sorted by class."""
-    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:size].sort().values
 
 
 # What --resume must keep: the same backbone, head and objective (their weights are in the checkpoint) on as

@@ -31,7 +31,7 @@ from common import (ArgumentParser, as_user_error, atomic_save_safetensors, atom
                     linear_ramp, load_checkpoint, MetricsLog, one_line, param_groups, prepare_out_dir,
                     run_bytes_needed, save_checkpoint, set_optimizer_values, warmup_cosine)
 from data import (eval_transform, InMemoryBatches, load_split, open_stream, Prefetcher, RandomResizedCropFlip,
-                  step_generator, StreamedBatches, UserError)
+                  seeded_sample, step_generator, StreamedBatches, UserError)
 from masks import MultiBlockMaskSampler
 from models import IJEPA, PredictorConfig, vit_config
 
@@ -532,7 +532,8 @@ def train(args, model, sampler, script="train_ijepa"):
     if args.stream:  # decoded from disk by workers; only the monitor's images are held in memory
         stream_settings = dict(storage_size=args.storage_size, seed=args.seed, skip_bad_images=args.skip_bad_images)
         train_set = open_stream(args.dataset, "train", max_per_class=args.max_per_class, **stream_settings)
-        held_out = open_stream(args.dataset, "test", **stream_settings).load(args.monitor_size)
+        held_out_stream = open_stream(args.dataset, "test", **stream_settings)
+        held_out = held_out_stream.load(seeded_sample(len(held_out_stream), args.monitor_size, args.seed))
         loader = StreamedBatches(train_set, args.batch_size, augment, device, args.seed, rank, processes, args.workers)
     else:
         data_settings = dict(data_root=args.data_root, storage_size=args.storage_size, seed=args.seed,
@@ -540,9 +541,11 @@ def train(args, model, sampler, script="train_ijepa"):
                              label_column=args.label_column)
         train_set = load_split(args.dataset, "train", max_per_class=args.max_per_class, **data_settings)
         held_out = load_split(args.dataset, "test", **data_settings)
+        held_out = held_out.subset(seeded_sample(len(held_out), args.monitor_size, args.seed))
         loader = InMemoryBatches(train_set, args.batch_size, augment, device, args.seed, rank, processes,
                                  data_on_device=args.data_on_gpu)
-    monitor_images = eval_transform(held_out.images[: args.monitor_size].to(device), args.image_size)
+    # A seeded sample, not the first images: splits sorted by class would give the monitor one class.
+    monitor_images = eval_transform(held_out.images.to(device), args.image_size)
     steps_per_epoch = len(loader) // args.grad_accum
     if steps_per_epoch == 0:
         raise UserError(f"{len(loader)} batches per epoch cannot make one step of --grad-accum {args.grad_accum}")

@@ -129,8 +129,13 @@ def test_streamed_batches_equal_in_memory_batches(tmp_path):
     for epoch, index, step in [(0, 0, 0), (0, 1, 1), (0, 7, 7), (1, 0, 8), (1, 5, 13), (1, 6, 14), (0, 2, 2)]:
         (a, labels_a), (b, labels_b) = in_memory.batch(epoch, index, step), streamed.batch(epoch, index, step)
         assert torch.equal(a, b) and torch.equal(labels_a, labels_b), (epoch, index)
-    held_out = open_stream(spec, "test", 16, seed=5).load(100)
-    assert torch.equal(held_out.images, load_split(spec, "test", storage_size=16, seed=5, cache=False).images)
+    stream = open_stream(spec, "test", 16, seed=5)
+    held_out = stream.load(range(len(stream)))
+    in_memory_test = load_split(spec, "test", storage_size=16, seed=5, cache=False)
+    assert torch.equal(held_out.images, in_memory_test.images)
+    picked = stream.load([2, 0])
+    assert torch.equal(picked.images, in_memory_test.images[[2, 0]])
+    assert torch.equal(picked.labels, in_memory_test.labels[[2, 0]])
 
 
 def test_streaming_bad_images_and_specs_are_one_line_errors(tmp_path):

@@ -14,8 +14,11 @@ shapes and torch.compile (CUDA graphs for the small presets). The baseline is th
 in the same run: a torchvision DataLoader with per-image transforms and the mask sampler in its collate
 function (as the official I-JEPA code does), eager fp32, AdamW, a blocking copy of every batch.
 
-Output (one line of JSON): preset, device, batch_size, image_size, mode, precision, gflops_per_image, and
-  ijepa:    images_per_s, step_ms, tflops, mfu, peak_mem_gib, augment_ms, mask_ms, input_share
+Output (one line of JSON): preset, device (the GPU or CPU model), cpu_fast_bf16 (AMX/AVX512-BF16), threads,
+matmul_tflops (a 2048^3 matmul in the run's precision, measured on the spot), batch_size, image_size, mode,
+precision, gflops_per_image, and
+  ijepa:    images_per_s, step_ms, tflops, mfu, matmul_fraction (tflops / matmul_tflops), peak_mem_gib,
+            augment_ms, mask_ms, input_share
   baseline: images_per_s, step_ms, tflops, mfu, peak_mem_gib       (null with --no-baseline)
   speedup:  ijepa images/s over baseline images/s
   pijepa:   levels, images_per_s, step_ms, tflops, mfu, peak_mem_gib, step_ratio (over I-JEPA's step), or
@@ -31,11 +34,13 @@ import argparse
 import copy
 import itertools
 import json
+import os
+import platform
 import time
 
 import torch
 
-from common import ArgumentParser, exit_on_user_error, param_groups
+from common import ArgumentParser, cpu_has_fast_bf16, exit_on_user_error, param_groups
 from data import (IMAGENET_MEAN, IMAGENET_STD, ImageSet, InMemoryBatches, map_tensors, Prefetcher,
                   RandomResizedCropFlip, step_generator, UserError)
 from train_ijepa import (build_mask_sampler, build_model, build_optimizer, build_parser, check_cuda_graphs,
@@ -61,13 +66,15 @@ def bench_parser():
     p.add_argument("--preset", default="cifar_vit_tiny6", choices=sorted(PRESETS))
     p.add_argument("--batch-size", type=int, help="default: the preset's")
     p.add_argument("--mode", choices=MODES, help="default: the preset's on CUDA, eager on CPU")
-    p.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 on CUDA and on CPUs with "
+                   "AMX/AVX512-BF16, else fp32")
     p.add_argument("--steps", type=int, default=30, help="timed steps per path")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the plain eager fp32 DataLoader path")
-    p.add_argument("--baseline-workers", type=int, default=4, help="DataLoader workers of the baseline")
+    p.add_argument("--baseline-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader workers of the baseline")
     p.add_argument("--pijepa", action=argparse.BooleanOptionalAction, default=True,
                    help="also time PI-JEPA (train_pijepa.py, default levels) with the fast path")
     return p
@@ -91,6 +98,22 @@ def seconds_per_call(fn, calls, warmup, device):
         fn()
     synchronize(device)
     return (time.perf_counter() - start) / calls
+
+
+def matmul_tflops(device, precision, size=2048, calls=5):
+    """The dense matmul rate measured on the spot (size^3, the run's precision): the ceiling the step is held
+    against, on CPUs (where no peak table exists) as on GPUs."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    return 2 * size**3 / seconds_per_call(lambda: a @ a, calls, 1, device) / 1e12
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
 
 
 def peak_memory_gib(device):
@@ -247,7 +270,8 @@ def bench(options):
     flags, batch_size, cuda_mode = PRESETS[options.preset]
     flags = flags + ["--batch-size", str(options.batch_size or batch_size)]
     mode = options.mode or (cuda_mode if device.type == "cuda" else "eager")
-    precision = options.precision or ("bf16" if device.type == "cuda" else "fp32")
+    # bf16 where the hardware computes it (GPUs; CPUs with AMX/AVX512-BF16), fp32 on other CPUs
+    precision = options.precision or ("bf16" if device.type == "cuda" or cpu_has_fast_bf16() else "fp32")
     check_cuda_graphs(mode == "cuda-graphs", device)
     args = parse_args(flags, build_parser())
     torch.manual_seed(args.seed)
@@ -264,8 +288,11 @@ def bench(options):
 
     ijepa, step_seconds = fast_path(args, model, sampler, images, device, mode, precision, *timing, peak)
     ijepa.update(input_costs(args, sampler, images, device, max(3, options.steps // 3), step_seconds))
+    rate = matmul_tflops(device, precision)
+    ijepa["matmul_fraction"] = ijepa["tflops"] / rate
     result = {"preset": options.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else "cpu", "batch_size": args.batch_size, "image_size": args.image_size, "mode": mode,
+              else cpu_name(), "cpu_fast_bf16": cpu_has_fast_bf16(), "threads": torch.get_num_threads(),
+              "matmul_tflops": rate, "batch_size": args.batch_size, "image_size": args.image_size, "mode": mode,
               "precision": precision, "gflops_per_image": step_flops_per_image(model, sampler.sample(1)) / 1e9,
               "ijepa": ijepa, "baseline": None, "speedup": None, "pijepa": None, "torch": torch.__version__}
     del model

@@ -388,3 +388,47 @@ def collapse_metrics(features, top_k=10):
     total = variance.sum().clamp_min(1e-12)
     return {"rankme": float(rankme), "feature_std": float(normed.std(0).mean()),
             "pca_top1": float(variance[:1].sum() / total), f"pca_top{top_k}": float(variance[:top_k].sum() / total)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precision on the CPU
+
+
+def cpu_has_fast_bf16():
+    """True where the CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16): there, bf16 matmuls run
+    several times faster than fp32. Elsewhere oneDNN emulates bf16 with AVX512/AVX2 and it is slower than fp32
+    (4x slower on the Ice Lake Xeon of README "Performance"), so fp32 is the fast path."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if all(check is None for check in checks):  # an older torch: read the flags Linux reports
+        try:
+            with open("/proc/cpuinfo") as f:
+                return bool(set(f.read().split()) & {"amx_bf16", "avx512_bf16"})
+        except OSError:
+            return False
+    return any(check() for check in checks if check is not None)
+
+
+def default_mixed_precision(requested, cuda_available):
+    """--mixed-precision as given, or Accelerate's own setting (`accelerate launch --mixed_precision`, its config
+    file), or, with neither, bf16 on a CPU that computes it in hardware (Accelerate's "no" elsewhere)."""
+    unset = requested is None and "ACCELERATE_MIXED_PRECISION" not in os.environ
+    return "bf16" if unset and not cuda_available and cpu_has_fast_bf16() else requested
+
+
+def precision_note(accelerator):
+    """One log line naming the arithmetic the run uses, so a slow CPU run says why."""
+    precision = accelerator.mixed_precision
+    if accelerator.device.type != "cpu":
+        return f"{accelerator.device.type}: mixed precision {precision}"
+    fast = cpu_has_fast_bf16()
+    if precision == "bf16":
+        return "cpu: bf16 autocast" + ("" if fast else ", but this CPU has no AMX/AVX512-BF16: fp32 is faster here")
+    return "cpu: fp32" + (" (this CPU has AMX/AVX512-BF16: --mixed-precision bf16 is faster)" if fast
+                          else " (no AMX/AVX512-BF16 on this CPU, where bf16 would be slower)")
+
+
+def inference_autocast(device):
+    """The fast arithmetic for frozen-feature extraction: bf16 on GPUs and on CPUs that compute it in hardware,
+    fp32 elsewhere."""
+    fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast)

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 import models
 from common import (ArgumentParser, atomic_save_safetensors, atomic_write_json, collapse_metrics,
-                    exit_on_user_error)
+                    exit_on_user_error, inference_autocast)
 from data import class_balanced_subset, eval_transform, holdout_split, load_split, UserError
 from train_ijepa import non_negative_float, positive_int
 
@@ -264,18 +264,12 @@ class Variant:
         return F.interpolate(low, size=(image_size, image_size), mode="bilinear", align_corners=False)
 
 
-def autocast(device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()  # CPU: fp32, bf16 matmuls would only be slower
-
-
 @torch.no_grad()
 def extract(feature_fn, images, transform, batch_size, device):
     """uint8 images (N, 3, S, S) -> dict of (N, ...) float32 CPU tensors, one batch at a time."""
     parts = []
     for chunk in images.split(batch_size):
-        with autocast(device):
+        with inference_autocast(device):
             out = feature_fn(transform(chunk.to(device, non_blocking=True)))
         parts.append({k: v.float().cpu() for k, v in out.items()})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (as_user_error, atomic_write_json, check_out_dir, check_same_model, collapse_metrics,
-                    exit_on_user_error, latest_checkpoint, linear_ramp, load_checkpoint, MetricsLog, param_groups,
+                    exit_on_user_error, inference_autocast, latest_checkpoint, linear_ramp, load_checkpoint, MetricsLog, param_groups,
                     prepare_out_dir, run_bytes_needed, set_optimizer_values, warmup_cosine)
 from data import (class_balanced_subset, ColourJitter, eval_transform, InMemoryBatches, load_split, normalize,
                   RandomResizedCropFlip, seeded_sample, step_generator, UserError)
@@ -132,7 +132,8 @@ def build_parser():
                    "whose loss or gradients are not finite (one host sync a step); 0: stop at the first, checked "
                    "at log time")
     g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
-                   help="for the head (the backbone runs in bf16 on GPUs regardless)")
+                   help="for the head (the frozen backbone runs in bf16 on GPUs and on CPUs with AMX/AVX512-BF16 "
+                   "regardless)")
 
     g = add_run_arguments(p, "out/head")
     g.add_argument("--statistics-size", type=positive_int, default=4096, help="training images (unaugmented) "
@@ -308,10 +309,10 @@ def train(args):
         check_out_dir(args.out, args.resume, args.overwrite)
     device = accelerator.device
 
-    # -- backbone (frozen; bf16 on GPUs) and data
+    # -- backbone (frozen; bf16 on GPUs and on CPUs with AMX/AVX512-BF16) and data
     backbone, jepa_predictor, pointer = load_backbone(args)
     backbone = backbone.to(device).eval()
-    backbone_autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    backbone_autocast = inference_autocast(device)
     image_size = args.image_size or backbone.cfg.img_size
     layers = args.layers
     train_set, monitor_images = load_data(args, image_size, device)

@@ -27,9 +27,9 @@ import torch
 import yaml
 
 from common import (ArgumentParser, as_user_error, atomic_save_safetensors, atomic_write_json, check_out_dir,
-                    check_same_model, collapse_metrics, cosine_ramp, exit_on_user_error, latest_checkpoint,
+                    check_same_model, collapse_metrics, cosine_ramp, default_mixed_precision, exit_on_user_error, latest_checkpoint,
                     linear_ramp, load_checkpoint, MetricsLog, one_line, param_groups, prepare_out_dir,
-                    run_bytes_needed, save_checkpoint, set_optimizer_values, warmup_cosine)
+                    precision_note, run_bytes_needed, save_checkpoint, set_optimizer_values, warmup_cosine)
 from data import (eval_transform, InMemoryBatches, load_split, open_stream, Prefetcher, RandomResizedCropFlip,
                   seeded_sample, step_generator, StreamedBatches, UserError)
 from masks import MultiBlockMaskSampler
@@ -120,7 +120,8 @@ def build_parser(description=__doc__):
                    "whose loss or gradients are not finite, checked before each optimizer step (one host sync a step); "
                    "0: stop at the first, checked at log time")
     g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
-                   help="default: accelerate's config (bf16 is the fast choice on GPUs)")
+                   help="default: accelerate's config, else bf16 on CPUs with AMX/AVX512-BF16 (bf16 is also the "
+                   "fast choice on GPUs)")
 
     g = add_run_arguments(p, "out/ijepa")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (static shapes: compiles once)")
@@ -164,8 +165,11 @@ def make_accelerator(args, **kwargs):
     from accelerate import Accelerator
 
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=args.mixed_precision, log_with=args.log_with, project_dir=args.out,
-                       cpu=multi_cpu, **kwargs)
+    precision = default_mixed_precision(args.mixed_precision, torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=precision, log_with=args.log_with, project_dir=args.out, cpu=multi_cpu,
+                              **kwargs)
+    accelerator.print(precision_note(accelerator))
+    return accelerator
 
 
 # Official I-JEPA yaml (sections data/mask/meta/optimization/logging) -> our flag names.

@@ -59,7 +59,7 @@ import models
 from common import (ArgumentParser, atomic_save_safetensors, atomic_write_json, collapse_metrics,
                     exit_on_user_error)
 from data import class_balanced_subset, eval_transform, holdout_split, load_split, UserError
-from train_ijepa import non_negative_float, positive_int
+from settings import non_negative_float, positive_int
 
 CACHE_VERSION = 1
 RESULTS_VERSION = 1

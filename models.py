@@ -81,6 +81,14 @@ class PredictorConfig:
             raise ValueError(f"pred_dim {self.pred_dim} is not divisible by num_heads {self.num_heads}")
         check_pyramid_levels(self.grid_size, self.levels)
 
+    @classmethod
+    def for_encoder(cls, encoder: "ViTConfig", pred_dim=None, num_heads=None, **fields):
+        """The predictor that fits `encoder`: its width and grid, I-JEPA's width min(384, D / 2) and the
+        encoder's head count unless given; other fields (depth, levels, ...) as given or the defaults."""
+        return cls(embed_dim=encoder.embed_dim, grid_size=encoder.grid_size,
+                   pred_dim=pred_dim or min(384, encoder.embed_dim // 2), num_heads=num_heads or encoder.num_heads,
+                   **fields)
+
 
 def vit_config(preset="tiny", **overrides):
     """A ViTConfig from a preset name in VIT_PRESETS, any field overridable."""
@@ -458,6 +466,53 @@ class IJEPA(nn.Module):
         target = list(self.target_encoder.parameters())
         torch._foreach_lerp_(target, online, 1.0 - momentum)
 
+    def flops_per_image(self, context_idx, target_idx, context_sizes=None, target_sizes=None):
+        """Matmul FLOPs of one training step per image, at the lengths of a batch of masks (the forward's
+        index arguments; only their shapes are read). The count MFU divides by:
+
+            F(L, D, H) = 8 L D^2 + 4 L D H + 4 L^2 D          one block's forward on a sequence of L tokens
+            target     = E + d F(N, D, H)                     target encoder, forward only, all N patches
+            context    = E + d F(Kc_0, D, H)                  context encoder on its Kc_0 patches
+            predictor  = 2 Kc D P + M dp F(Kc + Kt, P, Hp) + 2 M Kt P D
+            step       = target + 3 (context + predictor) - E1
+
+        E is the patch embedding on all N patches (2 N C p^2 D when strided), E1 its first convolution (all
+        of it when strided); d, D, H the encoder's depth, width and MLP width, dp, P, Hp the predictor's; M
+        target blocks of Kt cells; Kc context tokens, of which the encoder sees the Kc_0 fine patches (all
+        of them for I-JEPA; PI-JEPA's coarse context tokens are means of those). A backward pass costs
+        twice its forward (input and weight gradients), except the images' gradient, which is never
+        computed (- E1). This equals torch's FlopCounterMode on a training step with the math attention
+        kernel (flash attention's backward also recomputes the scores: not counted). Recomputation under
+        grad checkpointing is not counted: MFU counts the model's FLOPs, not the GPU's."""
+        enc, pred = self.encoder.cfg, self.predictor.cfg
+        context_tokens = context_idx.shape[1]
+        encoder_tokens = context_tokens if context_sizes is None else context_sizes[0]
+        _, num_targets, target_tokens = target_idx.shape
+        convs = conv_flops(self.encoder.patch_embed, enc.img_size)
+        embed = sum(convs)
+        mlp, pred_mlp = int(enc.embed_dim * enc.mlp_ratio), int(pred.pred_dim * pred.mlp_ratio)
+        target = embed + enc.depth * block_flops(enc.grid_size**2, enc.embed_dim, mlp)
+        context = embed + enc.depth * block_flops(encoder_tokens, enc.embed_dim, mlp)
+        predictor = (2 * context_tokens * enc.embed_dim * pred.pred_dim
+                     + num_targets * pred.depth * block_flops(context_tokens + target_tokens, pred.pred_dim, pred_mlp)
+                     + 2 * num_targets * target_tokens * pred.pred_dim * enc.embed_dim)
+        return target + 3 * (context + predictor) - convs[0]
+
+
+def block_flops(tokens, width, mlp_width):
+    """Matmul FLOPs of one transformer block's forward on one sequence: qkv 6LD^2, attention scores and
+    values 4L^2D, output projection 2LD^2, MLP 4LDH."""
+    return 8 * tokens * width**2 + 4 * tokens * width * mlp_width + 4 * tokens**2 * width
+
+
+def conv_flops(module, size):
+    """Matmul FLOPs of each Conv2d layer in `module` (applied in order) on one size x size image, a list."""
+    flops = []
+    for conv in (m for m in module.modules() if isinstance(m, nn.Conv2d)):
+        size = (size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+        flops.append(2 * size**2 * conv.out_channels * conv.in_channels // conv.groups * math.prod(conv.kernel_size))
+    return flops
+
 
 # ----------------------------------------------------------------------------------------------------
 # PI-JEPA: the latent pyramid and bidirectional cross-scale prediction
@@ -670,7 +725,9 @@ OFFICIAL_PREDICTOR_MLP_RATIO = 4.0  # fixed in the official vit_predictor
 OFFICIAL_LAYER_NORM_EPS = 1e-6
 # Our addition under the yaml's `meta`, written only for shapes the official keys cannot name (a depth or
 # head count other than the preset's); Meta's code reads keys by name and ignores it.
-ARCHITECTURE_OVERRIDES = ("depth", "num_heads", "mlp_ratio", "pred_num_heads", "pred_mlp_ratio")
+# Each is read as the flag it names.
+ARCHITECTURE_FLAGS = {"depth": "depth", "num_heads": "heads", "mlp_ratio": "mlp_ratio", "pred_num_heads": "pred_heads",
+                      "pred_mlp_ratio": "pred_mlp_ratio"}
 CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar")
 
 
@@ -717,27 +774,72 @@ def read_official_yaml(path):
     return settings
 
 
+# The official yaml's keys -> our flag names: the one reading of that format, by train_ijepa.py --config
+# (every setting) and by official_configs (the architecture).
+OFFICIAL_FLAGS = {
+    ("data", "batch_size"): "batch_size", ("data", "crop_size"): "image_size", ("data", "crop_scale"): "crop_scale",
+    ("data", "use_horizontal_flip"): "flip", ("mask", "num_pred_masks"): "num_targets",
+    ("mask", "pred_mask_scale"): "target_scale", ("mask", "enc_mask_scale"): "context_scale",
+    ("mask", "aspect_ratio"): "target_aspect", ("mask", "min_keep"): "min_keep", ("mask", "patch_size"): "patch_size",
+    ("meta", "pred_depth"): "pred_depth", ("meta", "pred_emb_dim"): "pred_dim", ("optimization", "epochs"): "epochs",
+    ("optimization", "ema"): "ema", ("optimization", "lr"): "lr", ("optimization", "start_lr"): "start_lr",
+    ("optimization", "final_lr"): "final_lr", ("optimization", "warmup"): "warmup_epochs",
+    ("optimization", "weight_decay"): "weight_decay", ("optimization", "final_weight_decay"): "final_weight_decay",
+    ("logging", "folder"): "out",
+}
+# Keys that describe their cluster set-up or features done differently here: read and ignored.
+OFFICIAL_IGNORED = {("data", "num_workers"), ("data", "pin_mem"), ("data", "color_jitter_strength"),
+                    ("data", "use_color_distortion"), ("data", "use_gaussian_blur"), ("data", "image_folder"),
+                    ("meta", "copy_data"), ("meta", "load_checkpoint"), ("meta", "read_checkpoint"),
+                    ("logging", "write_tag"), ("optimization", "ipe_scale"), ("mask", "num_enc_masks"),
+                    ("mask", "allow_overlap")}
+
+
+def official_flags(settings, source="the yaml"):
+    """(flags, unknown): official yaml settings as our flag names and values, and the section.key names
+    this reading does not know (training refuses them; loading a checkpoint reads only the architecture)."""
+    flags, unknown = {}, []
+    for section, values in settings.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: section {section!r} must be a mapping")
+        for key, value in values.items():
+            if (section, key) in OFFICIAL_FLAGS:
+                flags[OFFICIAL_FLAGS[section, key]] = value
+            elif (section, key) == ("meta", "model_name"):
+                flags["model"] = str(value).removeprefix("vit_")
+            elif (section, key) == ("meta", "use_bfloat16"):
+                flags["mixed_precision"] = "bf16" if value else "no"
+            elif (section, key) == ("data", "root_path"):
+                flags["dataset"] = "imagefolder:" + os.path.join(str(value), str(values.get("image_folder", "")))
+            elif (section, key) == ("meta", "architecture"):
+                if not isinstance(value or {}, dict):
+                    raise ValueError(f"{source}: meta.architecture must be a mapping of {list(ARCHITECTURE_FLAGS)}")
+                overrides = dict(value or {})
+                unknown_overrides = sorted(set(overrides) - set(ARCHITECTURE_FLAGS))
+                if unknown_overrides:
+                    raise ValueError(f"{source}: unknown meta.architecture keys {unknown_overrides}; known: "
+                                     f"{list(ARCHITECTURE_FLAGS)}")
+                flags.update({ARCHITECTURE_FLAGS[k]: v for k, v in overrides.items()})
+            elif (section, key) not in OFFICIAL_IGNORED:
+                unknown.append(f"{section}.{key}")
+    return flags, unknown
+
+
 def official_configs(settings, source="the yaml"):
     """(ViTConfig, PredictorConfig) from official yaml settings, with the official init_model's defaults.
     The predictor has the encoder's head count and an MLP ratio of 4, as in the official code."""
-    section = lambda name: settings.get(name) or {}
-    name = section("meta").get("model_name")
-    preset = str(name).removeprefix("vit_")
+    flags, _ = official_flags(settings, source)
+    preset = flags.get("model")
     if preset not in VIT_PRESETS:
-        raise ValueError(f"{source}: meta.model_name {name!r} is not an official model; use one of "
-                         f"{', '.join('vit_' + p for p in VIT_PRESETS)}")
-    overrides = dict(section("meta").get("architecture") or {})
-    unknown = sorted(set(overrides) - set(ARCHITECTURE_OVERRIDES))
-    if unknown:
-        raise ValueError(f"{source}: unknown meta.architecture keys {unknown}; known: {list(ARCHITECTURE_OVERRIDES)}")
-    encoder = vit_config(preset, img_size=section("data").get("crop_size", 224),
-                         patch_size=section("mask").get("patch_size", 16), depth=overrides.get("depth"),
-                         num_heads=overrides.get("num_heads"), mlp_ratio=overrides.get("mlp_ratio"),
+        raise ValueError(f"{source}: meta.model_name {(settings.get('meta') or {}).get('model_name')!r} is not an "
+                         f"official model; use one of {', '.join('vit_' + p for p in VIT_PRESETS)}")
+    encoder = vit_config(preset, img_size=flags.get("image_size", 224), patch_size=flags.get("patch_size", 16),
+                         depth=flags.get("depth"), num_heads=flags.get("heads"), mlp_ratio=flags.get("mlp_ratio"),
                          layer_norm_eps=OFFICIAL_LAYER_NORM_EPS)
     predictor = PredictorConfig(
-        embed_dim=encoder.embed_dim, pred_dim=section("meta").get("pred_emb_dim", 384),
-        depth=section("meta").get("pred_depth", 6), num_heads=overrides.get("pred_num_heads", encoder.num_heads),
-        mlp_ratio=overrides.get("pred_mlp_ratio", OFFICIAL_PREDICTOR_MLP_RATIO), grid_size=encoder.grid_size,
+        embed_dim=encoder.embed_dim, pred_dim=flags.get("pred_dim", 384), depth=flags.get("pred_depth", 6),
+        num_heads=flags.get("pred_heads", encoder.num_heads),
+        mlp_ratio=flags.get("pred_mlp_ratio", OFFICIAL_PREDICTOR_MLP_RATIO), grid_size=encoder.grid_size,
         layer_norm_eps=OFFICIAL_LAYER_NORM_EPS)
     return encoder, predictor
 
@@ -925,15 +1027,18 @@ class HierarchicalHead(nn.Module):
         self.input_mean.copy_(features.mean(0))
         self.input_std.copy_(features.std(0).clamp_min(1e-6))
 
-    def aggregate(self, features):
-        """(..., L, D) features of L backbone depths -> (..., D)."""
-        features = (features - self.input_mean.to(features.dtype)) / self.input_std.to(features.dtype)
+    def aggregate(self, features, statistics=None):
+        """(..., L, D) features of L backbone depths -> (..., D), each layer standardised with `statistics`
+        (mean, std), each (L, D): by default those of mean-pooled features (set_input_statistics); per-token
+        features have another scale (token_statistics) and need their own."""
+        mean, std = statistics if statistics is not None else (self.input_mean, self.input_std)
+        features = (features - mean.to(features.dtype)) / std.to(features.dtype)
         if self.cfg.aggregation == "weighted-sum":
             return torch.einsum("...ld,l->...d", features, self.layer_logits.softmax(0).to(features.dtype))
         return self.layer_proj(features.flatten(-2))
 
-    def forward(self, features):
-        x = self.aggregate(features)
+    def forward(self, features, statistics=None):
+        x = self.aggregate(features, statistics)
         x = x + self.fc2(self.act(self.fc1(x)))
         return self.out(self.norm(x))
 
@@ -946,6 +1051,21 @@ def layer_features(backbone, images, layers, keep=None):
 def pooled_layer_features(backbone, images, layers):
     """(B, L, D): each layer's tokens mean-pooled over the image."""
     return torch.stack([t.mean(1) for t in backbone.forward_intermediates(images, layers)], dim=1)
+
+
+@torch.no_grad()
+def token_statistics(backbone, batches, layers):
+    """(mean, std), each (L, D): per-dimension statistics over every token of the images in `batches` (an
+    iterable of (B, 3, H, W) tensors) at each layer, accumulated in float64. Tokens spread far more than their image means (about 30x
+    for an I-JEPA backbone), so the head standardises per-token inputs with these, not the pooled ones."""
+    total = squares = 0.0
+    count = 0
+    for images in batches:
+        tokens = layer_features(backbone, images, layers).flatten(0, 1).double()  # (B N, L, D)
+        total, squares, count = total + tokens.sum(0), squares + tokens.square().sum(0), count + tokens.shape[0]
+    mean = total / count
+    variance = (squares - count * mean.square()).clamp_min(0) / max(count - 1, 1)
+    return mean.float(), variance.sqrt().float().clamp_min(1e-6)
 
 
 class HeadFeatures(nn.Module):

@@ -96,7 +96,8 @@ def test_bad_pyramid_settings(tmp_path, capsys, flags, message):
 @pytest.mark.parametrize("text, message", [
     ("epochs: 2\nepoch: 3\n", "unknown settings in"),
     ("batch_size: [32]\n", "--batch-size = [32] is invalid"),
-    ("lr: fast\n", "--lr = 'fast' is invalid"),
+    ("lr: fast\n", "argument --lr: invalid non_negative_float value: 'fast'"),
+    ("epochs: 0\n", "run.yaml: argument --epochs: must be a positive integer, got 0"),
     ("flip: 1\n", "--flip = 1 is invalid (expected true or false)"),
     ("target_scale: {low: 0.1}\n", "--target-scale = {'low': 0.1} is invalid"),
     ("epochs: [1, 2\n", "is not valid YAML"),

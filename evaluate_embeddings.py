@@ -55,6 +55,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import models
 from common import (ArgumentParser, atomic_save_safetensors, atomic_write_json, collapse_metrics,
                     exit_on_user_error)
@@ -161,7 +162,7 @@ def data_settings(args, run_config):
 def read_run(folder):
     """config.json of a run folder, with missing or damaged files as one-line errors."""
     try:
-        config = models.read_run_config(folder)
+        config = checkpoints.read_run_config(folder)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     if not os.path.isfile(os.path.join(folder, "model.safetensors")):

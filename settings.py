@@ -3,16 +3,16 @@ configs, which become command-line flags so that argparse checks a file exactly 
 line (one place for types, choices and unknown names). The command line wins over the file:
 
     python train_ijepa.py --config configs/cifar10_vit_tiny.yaml --epochs 3
-    python train_ijepa.py --config in1k_vith14_ep300.yaml      # an official I-JEPA yaml (models.official_flags)
+    python train_ijepa.py --config in1k_vith14_ep300.yaml      # an official I-JEPA yaml (checkpoints.official_flags)
 """
 
 import argparse
 import math
 import sys
 
-from common import ArgumentParser, printable
+from common import printable
 from data import UserError
-from models import official_flags
+from checkpoints import official_flags
 
 OFFICIAL_SECTIONS = {"data", "mask", "meta", "optimization", "logging"}
 

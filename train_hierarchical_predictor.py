@@ -36,7 +36,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 from dataclasses import asdict
 
 import torch
@@ -48,8 +47,9 @@ from common import (as_user_error, collapse_metrics, exit_on_user_error, linear_
 from data import (class_balanced_subset, ColourJitter, eval_transform, InMemoryBatches, load_split,
                   MASK_SEED_OFFSET, normalize, RandomResizedCropFlip, seeded_sample, step_generator, UserError)
 from masks import MultiBlockMaskSampler
-from models import (gather_tokens, HeadConfig, HierarchicalHead, is_official_checkpoint, layer_features, load_encoder,
-                    load_predictor, official_yaml_beside, pooled_layer_features, token_statistics)
+from checkpoints import is_official_checkpoint, official_yaml_beside
+from models import (gather_tokens, HeadConfig, HierarchicalHead, layer_features, load_encoder, load_predictor,
+                    pooled_layer_features, token_statistics)
 from run import Run
 from settings import add_dataset_arguments, add_run_arguments, non_negative_float, parse_settings, positive_int
 

@@ -17,7 +17,8 @@ import train_ijepa
 import train_pijepa
 from common import as_user_error, exit_on_user_error
 from masks import MultiBlockMaskSampler, PyramidMaskSampler
-from models import config_from_dict, OFFICIAL_FLAGS, PredictorConfig, pyramid_offsets, ViTConfig
+from checkpoints import OFFICIAL_FLAGS
+from models import config_from_dict, PredictorConfig, pyramid_offsets, ViTConfig
 
 # What the samplers document raising; anything else, or another message, is a bug.
 SAMPLER_ERRORS = re.compile(r"must satisfy|must be at least 1|must lie in|mask settings leave fewer than|"

@@ -23,7 +23,8 @@ import train_pijepa
 from common import CHECKPOINTS, latest_checkpoint, RUN_FILES
 from conftest import TINY_TRAIN, run_script
 from data import decode_image, load_split, open_stream, UserError
-from models import load_encoder, read_official_checkpoint
+from checkpoints import read_official_checkpoint
+from models import load_encoder
 
 
 def one_line_error(main, argv, capsys):

@@ -102,7 +102,7 @@ def test_flat_yaml_config_and_committed_configs_parse(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("dataset: digits\nepochs: 3\ntarget-scale: [0.1, 0.2]\nflip: false\n")
     args = parse_args(["--config", str(path)])
-    assert args.epochs == 3 and args.target_scale == (0.1, 0.2) and args.flip is False
+    assert args.epochs == 3 and args.target_scale == [0.1, 0.2] and args.flip is False  # as from the command line
     configs = os.path.join(ROOT, "configs")
     for name in sorted(os.listdir(configs)):
         if name.endswith(".yaml") and not name.startswith("accelerate"):

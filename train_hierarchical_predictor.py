@@ -20,12 +20,14 @@ the targets z from an EMA copy of the head with stop-gradient and predicts them 
 online branch (BYOL); stopgrad uses the head itself with stop-gradient (SimSiam). RankMe and the feature
 std of the head's outputs on held-out images are logged every epoch, so collapse shows in metrics.jsonl.
 --jepa-weight adds the masked-target objective through the backbone's I-JEPA predictor: the head's
-per-token features of the context must predict the backbone's (layer-normed) target-block features.
+per-token features of the context must predict the backbone's (layer-normed) target-block features; those
+tokens are standardised with per-token statistics (models.token_statistics), not the pooled ones.
 
 The output folder (--out) holds config.json (settings, the head's shape, a pointer to the backbone),
-model.safetensors (head.*: the online head that evaluation uses; online_predictor.*, target_head.*),
+model.safetensors (head.*: the online head that evaluation uses; online_predictor.*, target_head.*; with
+--jepa-weight token_mean and token_std),
 metrics.jsonl and checkpoints/; --resume continues exactly (with the same backbone, head and objective).
-The run is as safe as train_ijepa.py's, with its pieces: SIGTERM/SIGINT save a checkpoint and exit 128 +
+The run is as safe as train_ijepa.py's, through the same run.Run: SIGTERM/SIGINT save a checkpoint and exit 128 +
 signal, non-finite losses stop the run (or --skip-nonfinite N) and non-finite weights are never saved, and
 --overwrite clears an old run only once the new settings and data have loaded. Tiny-ImageNet (2,000-image
 subset, ViT-tiny backbone of 6 blocks trained 4 epochs on a 2-core CPU): ema keeps RankMe ~12 and the linear probe at 4.3%

@@ -434,6 +434,10 @@ class IJEPA(nn.Module):
         super().__init__()
         if loss not in ("smooth_l1", "mse"):
             raise ValueError(f"unknown loss {loss!r}; use 'smooth_l1' or 'mse'")
+        if (predictor_cfg.embed_dim, predictor_cfg.grid_size) != (encoder_cfg.embed_dim, encoder_cfg.grid_size):
+            raise ValueError(f"the predictor (embed_dim {predictor_cfg.embed_dim}, grid {predictor_cfg.grid_size}) does "
+                             f"not fit the encoder (embed_dim {encoder_cfg.embed_dim}, grid {encoder_cfg.grid_size}); "
+                             "build it with PredictorConfig.for_encoder(encoder_cfg)")
         self.loss_name = loss
         self.encoder = VisionTransformer(encoder_cfg)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)

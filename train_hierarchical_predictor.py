@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (as_user_error, collapse_metrics, exit_on_user_error, linear_ramp, param_groups,
+from common import (ArgumentParser, as_user_error, collapse_metrics, exit_on_user_error, linear_ramp, param_groups,
                     set_optimizer_values, warmup_cosine)
 from data import (class_balanced_subset, ColourJitter, eval_transform, InMemoryBatches, load_split,
                   MASK_SEED_OFFSET, normalize, RandomResizedCropFlip, seeded_sample, step_generator, UserError)
@@ -80,7 +80,7 @@ def probability(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of settings (flag names)")
 
     g = p.add_argument_group("backbone (frozen)")

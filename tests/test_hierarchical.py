@@ -184,7 +184,8 @@ def test_end_to_end_with_exact_resume_and_the_head_loader(trained_run, tmp_path)
 def test_bad_settings_give_one_line(trained_run, tmp_path):
     for args, message in ((["--backbone", trained_run, "--layers", "-1,-5"], "--layers -5 out of range for a backbone "
                            "of depth 2"), ([], "--backbone is required"),
-                          (["--backbone", tmp_path / "nothing"], "does not exist")):
+                          (["--backbone", tmp_path / "nothing"], "does not exist"),
+                          (["--backbone", trained_run, "--jitter-prob", "2"], "argument --jitter-prob: must lie in")):
         proc = run_script("train_hierarchical_predictor.py", *args, "--out", tmp_path / "bad", check=False)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
 

@@ -226,3 +226,5 @@ def test_predictor_config_for_encoder_fits_any_preset():
     target_idx = torch.arange(10, 14).expand(2, 1, -1)
     loss, _ = model(torch.randn(2, 3, 32, 32), context_idx, target_idx)
     assert loss.isfinite()
+    with pytest.raises(ValueError, match="does not fit the encoder.*PredictorConfig.for_encoder"):
+        IJEPA(encoder, PredictorConfig())  # ViT-tiny's width at 32 px: not this encoder's

@@ -159,7 +159,8 @@ def test_end_to_end_with_exact_resume_and_the_head_loader(trained_run, tmp_path)
     assert "resumed from" in proc.stdout + proc.stderr
 
     weights, resumed = load_file(full / "model.safetensors"), load_file(split / "model.safetensors")
-    assert {k.split(".")[0] for k in weights} == {"head", "online_predictor", "target_head"}
+    # the frozen I-JEPA predictor is left out; token_mean/std standardise the JEPA path's per-token inputs
+    assert {k.split(".")[0] for k in weights} == {"head", "online_predictor", "target_head", "token_mean", "token_std"}
     assert weights.keys() == resumed.keys() and all(torch.equal(weights[k], resumed[k]) for k in weights)
     records = read_metrics(full / "metrics.jsonl")
     split_records = {r["step"]: r for r in read_metrics(split / "metrics.jsonl")}

@@ -156,3 +156,31 @@ def test_parameter_groups_partition_and_exempt_norms_biases_and_tokens():
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for p in decay["params"]} | {id(p) for p in no_decay["params"]} == trainable
     assert not any(names[id(p)].startswith("target_encoder") for p in decay["params"] + no_decay["params"])
+
+
+def test_step_leaves_autocast_and_train_mode_to_the_prepared_model(tmp_path, monkeypatch):
+    """accelerator.prepare already runs the model's forward under autocast, and the monitor (the one place
+    that autocasts, on the unwrapped target encoder) never leaves train mode: the loop enters autocast once
+    per epoch, for the monitor, not once per step, and sets train mode once."""
+    import accelerate
+
+    import models
+    import train_ijepa
+
+    calls = {"autocast": 0, "train": 0}
+    autocast, train = accelerate.Accelerator.autocast, models.IJEPA.train
+
+    def counting_autocast(self, *args, **kwargs):
+        calls["autocast"] += 1
+        return autocast(self, *args, **kwargs)
+
+    def counting_train(self, mode=True):
+        calls["train"] += 1
+        return train(self, mode)
+
+    monkeypatch.setattr(accelerate.Accelerator, "autocast", counting_autocast)
+    monkeypatch.setattr(models.IJEPA, "train", counting_train)
+    out = tmp_path / "run"
+    train_ijepa.main([*TINY_TRAIN, "--epochs", "2", "--out", str(out), "--data-root", str(tmp_path)])
+    assert read_metrics(out / "metrics.jsonl")[-1]["step"] == 10
+    assert calls == {"autocast": 2, "train": 1}

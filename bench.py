@@ -23,8 +23,8 @@ precision, gflops_per_image, and
   speedup:  ijepa images/s over baseline images/s
   pijepa:   levels, images_per_s, step_ms, tflops, mfu, peak_mem_gib, step_ratio (over I-JEPA's step), or
             null where train_pijepa.py is missing
-tflops counts matmul FLOPs analytically (train_ijepa.ijepa_flops_per_image, formula in the README); mfu
-divides them by the GPU's dense bf16 peak (train_ijepa.PEAK_BF16_TFLOPS; null on CPU or an unknown GPU).
+tflops counts matmul FLOPs analytically (IJEPA.flops_per_image in models.py, formula in the README); mfu
+divides them by the GPU's dense bf16 peak (run.PEAK_BF16_TFLOPS; null on CPU or an unknown GPU).
 augment_ms and mask_ms are timed alone; input_share = (augment_ms + mask_ms) / step_ms is an upper bound on
 their share of the step, since masks are drawn on another CPU core while the GPU works. A path that runs
 out of GPU memory reports {"error": ...} instead of numbers.
@@ -42,9 +42,9 @@ import torch
 
 from common import ArgumentParser, cpu_has_fast_bf16, exit_on_user_error, param_groups
 from data import (IMAGENET_MEAN, IMAGENET_STD, ImageSet, InMemoryBatches, map_tensors, Prefetcher,
-                  RandomResizedCropFlip, step_generator, UserError)
-from train_ijepa import (build_mask_sampler, build_model, build_optimizer, build_parser, check_cuda_graphs,
-                         compile_model, MASK_SEED_OFFSET, parse_args, peak_tflops, step_flops_per_image)
+                  MASK_SEED_OFFSET, RandomResizedCropFlip, step_generator, UserError)
+from run import check_cuda_graphs, compile_model, peak_tflops
+from train_ijepa import build_mask_sampler, build_model, build_optimizer, build_parser, parse_args
 
 # name: (train_ijepa flags, batch size, mode on CUDA). The issue's comparison shapes.
 PRESETS = {
@@ -133,6 +133,11 @@ def throughput(batch_size, seconds, flops_per_image, peak):
             "mfu": tflops / peak if peak else None}
 
 
+def masked_flops(model, sampler):
+    """The model's training FLOPs per image at the sampler's mask lengths (fixed per sampler)."""
+    return model.flops_per_image(**sampler.sample(1, torch.Generator().manual_seed(0)).model_inputs())
+
+
 def guarded(path):
     """Run a timing path; out of GPU memory becomes an {"error": ...} entry, not a crash of the whole bench."""
     try:
@@ -177,7 +182,7 @@ def fast_path(args, model, sampler, images, device, mode, precision, steps, warm
     reset_memory(device)
     seconds = seconds_per_call(step, steps, warmup, device)
     mask_stream.close()
-    result = throughput(args.batch_size, seconds, step_flops_per_image(model, draw(0)), peak)
+    result = throughput(args.batch_size, seconds, masked_flops(model, sampler), peak)
     result["peak_mem_gib"] = peak_memory_gib(device)
     torch.compiler.reset()  # frees the compiled graphs (and CUDA graph memory) before the next path runs
     return result, seconds
@@ -214,10 +219,13 @@ class CollateWithMasks:
     """Stack the images and draw the batch's masks, in the DataLoader's workers (the official collator's way)."""
 
     def __init__(self, sampler):
-        self.sampler = sampler
+        self.sampler, self.calls = sampler, 0
 
     def __call__(self, batch):
-        return torch.stack(batch), self.sampler.sample(len(batch))
+        # Each worker holds its own copy: its seed (torch.initial_seed() differs per worker) and its count.
+        self.calls += 1
+        generator = torch.Generator().manual_seed(torch.initial_seed() + self.calls)
+        return torch.stack(batch), self.sampler.sample(len(batch), generator)
 
 
 def baseline_path(args, model, sampler, images, device, steps, warmup, workers, peak):
@@ -240,7 +248,7 @@ def baseline_path(args, model, sampler, images, device, steps, warmup, workers, 
 
     reset_memory(device)
     seconds = seconds_per_call(step, steps, warmup, device)
-    result = throughput(args.batch_size, seconds, step_flops_per_image(model, sampler.sample(args.batch_size)), peak)
+    result = throughput(args.batch_size, seconds, masked_flops(model, sampler), peak)
     result["peak_mem_gib"] = peak_memory_gib(device)
     return result
 
@@ -293,7 +301,7 @@ def bench(options):
     result = {"preset": options.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else cpu_name(), "cpu_fast_bf16": cpu_has_fast_bf16(), "threads": torch.get_num_threads(),
               "matmul_tflops": rate, "batch_size": args.batch_size, "image_size": args.image_size, "mode": mode,
-              "precision": precision, "gflops_per_image": step_flops_per_image(model, sampler.sample(1)) / 1e9,
+              "precision": precision, "gflops_per_image": masked_flops(model, sampler) / 1e9,
               "ijepa": ijepa, "baseline": None, "speedup": None, "pijepa": None, "torch": torch.__version__}
     del model
 

@@ -651,6 +651,9 @@ def rotate_hue(x, angle):
     return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_yiq), yiq)
 
 
+MASK_SEED_OFFSET = 7_777  # the training scripts' masks draw from step_generator(seed + this): not the augmentations'
+
+
 def step_generator(seed, step, rank=0, device="cpu"):
     """A generator for one training step: randomness is a pure function of (seed, rank, step), so a
     resumed run draws exactly what an uninterrupted one would, with no generator state to save."""

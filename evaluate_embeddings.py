@@ -55,11 +55,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import models
 from common import (ArgumentParser, atomic_save_safetensors, atomic_write_json, collapse_metrics,
                     exit_on_user_error, inference_autocast)
 from data import class_balanced_subset, eval_transform, holdout_split, load_split, UserError
-from train_ijepa import non_negative_float, positive_int
+from settings import non_negative_float, positive_int
 
 CACHE_VERSION = 1
 RESULTS_VERSION = 1
@@ -161,7 +162,7 @@ def data_settings(args, run_config):
 def read_run(folder):
     """config.json of a run folder, with missing or damaged files as one-line errors."""
     try:
-        config = models.read_run_config(folder)
+        config = checkpoints.read_run_config(folder)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     if not os.path.isfile(os.path.join(folder, "model.safetensors")):
@@ -521,17 +522,22 @@ class FeatureSource:
                     "encoder": self.encoder_name, "pool": args.pool, "data": settings}
         self.hits, self.timings = {}, {}
 
+    def levels(self, split, variant):
+        """Latent-pyramid levels a pass computes (0: none). They depend on --scales, so they are part of
+        the cache key: a cached pass with fewer levels must not answer for one with more."""
+        if self.head is not None or variant.kind != "full" or self.pyramid_levels == 1:
+            return 0
+        return self.pyramid_levels if split == "test" else 1  # the pyramid probe trains on level 0 only
+
     def feature_fn(self, split, variant):
         if self.head is not None:
             return lambda images: {"features": self.head(images)}
-        if variant.kind != "full" or self.pyramid_levels == 1:
-            return backbone_feature_fn(self.encoder, self.args.pool)
-        levels = self.pyramid_levels if split == "test" else 1  # the pyramid probe trains on level 0 only
-        return backbone_feature_fn(self.encoder, self.args.pool, levels)
+        return backbone_feature_fn(self.encoder, self.args.pool, self.levels(split, variant))
 
     def get(self, split, data, variant=Variant()):
         """{"features": (N, D)[, "pyramid": (N, L, D)]} of one split's images, on the device."""
-        key = dict(self.key, split=split, variant=variant.name, data_fingerprint=data_fingerprint(data))
+        key = dict(self.key, split=split, variant=variant.name, pyramid_levels=self.levels(split, variant),
+                   data_fingerprint=data_fingerprint(data))
         transform = lambda x: variant.transform(x, self.image_size, self.patch)
         compute = lambda: extract(self.feature_fn(split, variant), data.images, transform, self.args.batch_size,
                                   self.device)

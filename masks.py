@@ -141,9 +141,9 @@ class MultiBlockMaskSampler:
                          f"(grid {self.grid_h}x{self.grid_w}); lower the target scale or number of targets, "
                          "or set a smaller num_context")
 
-    def sample(self, batch_size, generator=None):
-        """Index tensors for a batch; the device is the generator's (CPU when none is given)."""
-        generator = generator or torch.Generator().manual_seed(torch.seed() % 2**63)
+    def sample(self, batch_size, generator):
+        """Index tensors for a batch, every draw from `generator` (a torch.Generator, on the device the
+        indices go to): the caller's seed alone fixes the masks, and no global random state is touched."""
         context, targets = self.sample_boolean(batch_size, generator)
         return Masks(context_idx=random_subset(context, self.num_context, generator),
                      target_idx=random_subset(targets, self.num_target, generator),
@@ -379,9 +379,8 @@ class PyramidMaskSampler(MultiBlockMaskSampler):
             ok &= cells.sum(-1) >= k
         return ok
 
-    def sample(self, batch_size, generator=None):
-        """PyramidMasks for a batch; the device is the generator's (CPU when none is given)."""
-        generator = generator or torch.Generator().manual_seed(torch.seed() % 2**63)
+    def sample(self, batch_size, generator):
+        """PyramidMasks for a batch, every draw from `generator` (on the device the indices go to)."""
         if self.levels == 1:  # one level is I-JEPA: the same masks from the same draws
             masks = super().sample(batch_size, generator)
             return PyramidMasks(**vars(masks), context_sizes=self.context_sizes, target_sizes=self.target_sizes)

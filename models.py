@@ -1,11 +1,15 @@
-"""Models for I-JEPA and PI-JEPA: ViT encoder, narrow predictor, the I-JEPA objective.
+"""Models for I-JEPA and PI-JEPA: ViT encoder, narrow predictor, the I-JEPA and PI-JEPA objectives, the
+hierarchical head, and one-call loaders.
 
-Self-contained on purpose: this file imports torch and the standard library only (safetensors is
-imported inside the loader that needs it), so it can be copied alone into other research code.
+Self-contained on purpose: the modules need torch and the standard library only, so this file (with
+masks.py for the masks) can be copied alone into other research code; the loaders also need checkpoints.py,
+which reads the files.
 
     enc = VisionTransformer(vit_config("tiny", img_size=32, patch_size=4))
     tokens = enc(images)                      # (B, N, D), N = (32 / 4) ** 2
     tokens = enc(images, keep=context_idx)    # (B, K, D): only the kept tokens are computed
+    model = IJEPA(enc.cfg, PredictorConfig.for_encoder(enc.cfg))   # the predictor that fits the encoder
+    loss, info = model(images, context_idx, target_idx)            # indices from masks.MultiBlockMaskSampler
     encoder = load_encoder("out/c10")         # a trained encoder from one of our output folders
 
 Parameter names follow the official I-JEPA / timm layout (`patch_embed.proj`, `pos_embed`,
@@ -14,9 +18,7 @@ released checkpoints load by name.
 """
 
 import copy
-import json
 import math
-import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -80,6 +82,14 @@ class PredictorConfig:
         if self.pred_dim % self.num_heads:
             raise ValueError(f"pred_dim {self.pred_dim} is not divisible by num_heads {self.num_heads}")
         check_pyramid_levels(self.grid_size, self.levels)
+
+    @classmethod
+    def for_encoder(cls, encoder: "ViTConfig", pred_dim=None, num_heads=None, **fields):
+        """The predictor that fits `encoder`: its width and grid, I-JEPA's width min(384, D / 2) and the
+        encoder's head count unless given; other fields (depth, levels, ...) as given or the defaults."""
+        return cls(embed_dim=encoder.embed_dim, grid_size=encoder.grid_size,
+                   pred_dim=pred_dim or min(384, encoder.embed_dim // 2), num_heads=num_heads or encoder.num_heads,
+                   **fields)
 
 
 def vit_config(preset="tiny", **overrides):
@@ -436,6 +446,10 @@ class IJEPA(nn.Module):
         super().__init__()
         if loss not in ("smooth_l1", "mse"):
             raise ValueError(f"unknown loss {loss!r}; use 'smooth_l1' or 'mse'")
+        if (predictor_cfg.embed_dim, predictor_cfg.grid_size) != (encoder_cfg.embed_dim, encoder_cfg.grid_size):
+            raise ValueError(f"the predictor (embed_dim {predictor_cfg.embed_dim}, grid {predictor_cfg.grid_size}) does "
+                             f"not fit the encoder (embed_dim {encoder_cfg.embed_dim}, grid {encoder_cfg.grid_size}); "
+                             "build it with PredictorConfig.for_encoder(encoder_cfg)")
         self.loss_name = loss
         self.encoder = VisionTransformer(encoder_cfg)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
@@ -469,6 +483,53 @@ class IJEPA(nn.Module):
         online = list(self.encoder.parameters())
         target = list(self.target_encoder.parameters())
         torch._foreach_lerp_(target, online, 1.0 - momentum)
+
+    def flops_per_image(self, context_idx, target_idx, context_sizes=None, target_sizes=None):
+        """Matmul FLOPs of one training step per image, at the lengths of a batch of masks (the forward's
+        index arguments; only their shapes are read). The count MFU divides by:
+
+            F(L, D, H) = 8 L D^2 + 4 L D H + 4 L^2 D          one block's forward on a sequence of L tokens
+            target     = E + d F(N, D, H)                     target encoder, forward only, all N patches
+            context    = E + d F(Kc_0, D, H)                  context encoder on its Kc_0 patches
+            predictor  = 2 Kc D P + M dp F(Kc + Kt, P, Hp) + 2 M Kt P D
+            step       = target + 3 (context + predictor) - E1
+
+        E is the patch embedding on all N patches (2 N C p^2 D when strided), E1 its first convolution (all
+        of it when strided); d, D, H the encoder's depth, width and MLP width, dp, P, Hp the predictor's; M
+        target blocks of Kt cells; Kc context tokens, of which the encoder sees the Kc_0 fine patches (all
+        of them for I-JEPA; PI-JEPA's coarse context tokens are means of those). A backward pass costs
+        twice its forward (input and weight gradients), except the images' gradient, which is never
+        computed (- E1). This equals torch's FlopCounterMode on a training step with the math attention
+        kernel (flash attention's backward also recomputes the scores: not counted). Recomputation under
+        grad checkpointing is not counted: MFU counts the model's FLOPs, not the GPU's."""
+        enc, pred = self.encoder.cfg, self.predictor.cfg
+        context_tokens = context_idx.shape[1]
+        encoder_tokens = context_tokens if context_sizes is None else context_sizes[0]
+        _, num_targets, target_tokens = target_idx.shape
+        convs = conv_flops(self.encoder.patch_embed, enc.img_size)
+        embed = sum(convs)
+        mlp, pred_mlp = int(enc.embed_dim * enc.mlp_ratio), int(pred.pred_dim * pred.mlp_ratio)
+        target = embed + enc.depth * block_flops(enc.grid_size**2, enc.embed_dim, mlp)
+        context = embed + enc.depth * block_flops(encoder_tokens, enc.embed_dim, mlp)
+        predictor = (2 * context_tokens * enc.embed_dim * pred.pred_dim
+                     + num_targets * pred.depth * block_flops(context_tokens + target_tokens, pred.pred_dim, pred_mlp)
+                     + 2 * num_targets * target_tokens * pred.pred_dim * enc.embed_dim)
+        return target + 3 * (context + predictor) - convs[0]
+
+
+def block_flops(tokens, width, mlp_width):
+    """Matmul FLOPs of one transformer block's forward on one sequence: qkv 6LD^2, attention scores and
+    values 4L^2D, output projection 2LD^2, MLP 4LDH."""
+    return 8 * tokens * width**2 + 4 * tokens * width * mlp_width + 4 * tokens**2 * width
+
+
+def conv_flops(module, size):
+    """Matmul FLOPs of each Conv2d layer in `module` (applied in order) on one size x size image, a list."""
+    flops = []
+    for conv in (m for m in module.modules() if isinstance(m, nn.Conv2d)):
+        size = (size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+        flops.append(2 * size**2 * conv.out_channels * conv.in_channels // conv.groups * math.prod(conv.kernel_size))
+    return flops
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -579,36 +640,8 @@ class PyramidIJEPA(IJEPA):
             start += size
         return loss, {"loss": loss.detach(), **info}
 
-
 # ----------------------------------------------------------------------------------------------------
-# Loading our own output folders (config.json + model.safetensors)
-
-
-def read_run_config(folder):
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} has no config.json: pass the --out folder of a training run")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the run folder is damaged") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} is not a mapping of settings; the run folder is damaged")
-    return config
-
-
-def read_weights(folder):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = os.path.join(folder, "model.safetensors")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} has no model.safetensors: the run has not finished an epoch yet")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is unreadable ({e}); it is truncated or not a safetensors file") from None
+# Loading: the one-call loaders (the file formats they read, official checkpoints and export: checkpoints.py)
 
 
 def load_state_strict(module, state, what):
@@ -631,257 +664,31 @@ def split_state(state, prefix):
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def encoder_config_of(run_config):
-    return config_from_dict(ViTConfig, run_config.get("encoder"))
-
-
-def check_checkpoint_path(path, config):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: pass a run folder or an official .pth.tar checkpoint")
-    if config is not None and not is_official_checkpoint(path):
-        raise ValueError(f"a config ({config}) is only for official .pth.tar checkpoints; {path} is a run folder, "
-                         "whose config.json describes it")
-
-
 def load_encoder(path, which="target", config=None):
     """An encoder (eval mode) from one of our output folders, or from an official I-JEPA checkpoint file
     (`config`: its yaml, by default the one beside it). `which`: "target" (the EMA encoder, which the paper
     evaluates) or "context"."""
+    import checkpoints  # the file formats: our run folders, official checkpoints
+
     if which not in ("target", "context"):
         raise ValueError(f"which must be 'target' or 'context', got {which!r}")
-    check_checkpoint_path(path, config)
-    if is_official_checkpoint(path):
-        return load_official_encoder(path, which, config)
-    encoder = VisionTransformer(encoder_config_of(read_run_config(path)))
+    checkpoints.check_checkpoint_path(path, config)
+    if checkpoints.is_official_checkpoint(path):
+        return checkpoints.load_official_encoder(path, which, config)
+    encoder = VisionTransformer(checkpoints.encoder_config_of(checkpoints.read_run_config(path)))
     prefix = "target_encoder." if which == "target" else "encoder."
-    return load_state_strict(encoder, split_state(read_weights(path), prefix), "encoder").eval()
+    return load_state_strict(encoder, split_state(checkpoints.read_weights(path), prefix), "encoder").eval()
 
 
 def load_predictor(path, config=None):
     """The predictor (eval mode) from one of our output folders or an official I-JEPA checkpoint file."""
-    check_checkpoint_path(path, config)
-    if is_official_checkpoint(path):
-        return load_official_predictor(path, config)
-    predictor = Predictor(config_from_dict(PredictorConfig, read_run_config(path).get("predictor")))
-    return load_state_strict(predictor, split_state(read_weights(path), "predictor."), "predictor").eval()
+    import checkpoints
 
-
-# ----------------------------------------------------------------------------------------------------
-# Official I-JEPA checkpoints (facebookresearch/ijepa)
-#
-# A released file (e.g. IN1K-vit.h.14-300e.pth.tar) is a torch.save'd dict: "encoder", "predictor" and
-# "target_encoder" state dicts saved under DistributedDataParallel (every key starts with "module."), plus
-# training state ("opt", "scaler", "epoch", "loss", "batch_size", "world_size", "lr"). The architecture is
-# in the run's yaml (meta.model_name, mask.patch_size, data.crop_size, meta.pred_depth, meta.pred_emb_dim).
-# Parameter and buffer names equal ours, so loading is: read without unpickling code, strip the prefix,
-# rebuild the configs from the yaml, load strictly.
-
-OFFICIAL_PREFIX = "module."
-OFFICIAL_ENCODER_KEYS = {"target": "target_encoder", "context": "encoder"}
-OFFICIAL_PREDICTOR_MLP_RATIO = 4.0  # fixed in the official vit_predictor
-OFFICIAL_LAYER_NORM_EPS = 1e-6
-# Our addition under the yaml's `meta`, written only for shapes the official keys cannot name (a depth or
-# head count other than the preset's); Meta's code reads keys by name and ignores it.
-ARCHITECTURE_OVERRIDES = ("depth", "num_heads", "mlp_ratio", "pred_num_heads", "pred_mlp_ratio")
-CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar")
-
-
-def is_official_checkpoint(path):
-    """Official checkpoints are single files; our runs are folders."""
-    return os.path.isfile(path)
-
-
-def official_yaml_beside(path):
-    """The yaml of an official checkpoint when none is given: FILE.yaml beside FILE.pth.tar (what
-    export_official writes), else the only .yaml/.yml file in the same folder."""
-    stem = checkpoint_stem(path)
-    for candidate in (stem + ".yaml", stem + ".yml"):
-        if os.path.isfile(candidate):
-            return candidate
-    folder = os.path.dirname(os.path.abspath(path))
-    found = sorted(f for f in os.listdir(folder) if f.endswith((".yaml", ".yml")))
-    if len(found) == 1:
-        return os.path.join(folder, found[0])
-    problem = f"several yaml files beside it ({', '.join(found)})" if found else "no yaml beside it"
-    raise ValueError(f"{path} is an official checkpoint with {problem}: pass its run's yaml "
-                     "(config=..., --backbone-config), e.g. configs/in1k_vith14_ep300.yaml from facebookresearch/ijepa")
-
-
-def import_yaml():
-    try:
-        import yaml
-    except ImportError:
-        raise ValueError("official I-JEPA yaml files need PyYAML: pip install pyyaml") from None
-    return yaml
-
-
-def read_official_yaml(path):
-    yaml = import_yaml()
-    try:
-        with open(path) as f:
-            settings = yaml.safe_load(f)
-    except OSError as e:
-        raise ValueError(f"cannot read {path} ({e.strerror}); check the config path") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(settings, dict) or not isinstance(settings.get("meta"), dict):
-        raise ValueError(f"{path} is not an official I-JEPA yaml: it has no `meta:` section with model_name")
-    return settings
-
-
-def official_configs(settings, source="the yaml"):
-    """(ViTConfig, PredictorConfig) from official yaml settings, with the official init_model's defaults.
-    The predictor has the encoder's head count and an MLP ratio of 4, as in the official code."""
-    section = lambda name: settings.get(name) or {}
-    name = section("meta").get("model_name")
-    preset = str(name).removeprefix("vit_")
-    if preset not in VIT_PRESETS:
-        raise ValueError(f"{source}: meta.model_name {name!r} is not an official model; use one of "
-                         f"{', '.join('vit_' + p for p in VIT_PRESETS)}")
-    overrides = dict(section("meta").get("architecture") or {})
-    unknown = sorted(set(overrides) - set(ARCHITECTURE_OVERRIDES))
-    if unknown:
-        raise ValueError(f"{source}: unknown meta.architecture keys {unknown}; known: {list(ARCHITECTURE_OVERRIDES)}")
-    encoder = vit_config(preset, img_size=section("data").get("crop_size", 224),
-                         patch_size=section("mask").get("patch_size", 16), depth=overrides.get("depth"),
-                         num_heads=overrides.get("num_heads"), mlp_ratio=overrides.get("mlp_ratio"),
-                         layer_norm_eps=OFFICIAL_LAYER_NORM_EPS)
-    predictor = PredictorConfig(
-        embed_dim=encoder.embed_dim, pred_dim=section("meta").get("pred_emb_dim", 384),
-        depth=section("meta").get("pred_depth", 6), num_heads=overrides.get("pred_num_heads", encoder.num_heads),
-        mlp_ratio=overrides.get("pred_mlp_ratio", OFFICIAL_PREDICTOR_MLP_RATIO), grid_size=encoder.grid_size,
-        layer_norm_eps=OFFICIAL_LAYER_NORM_EPS)
-    return encoder, predictor
-
-
-def official_settings(encoder, predictor):
-    """The inverse of official_configs: the yaml settings that rebuild these configs."""
-    preset = next((p for p, (width, *_) in VIT_PRESETS.items() if width == encoder.embed_dim), None)
-    problems = [text for bad, text in (
-        (preset is None, f"width {encoder.embed_dim} is none of the official widths "
-                         f"{[w for w, *_ in VIT_PRESETS.values()]}"),
-        (encoder.patch_embed != "strided", "a conv patch stem"), (not encoder.qkv_bias, "no qkv bias"),
-        (encoder.in_chans != 3, f"{encoder.in_chans} input channels"),
-        (predictor.levels != 1, f"a {predictor.levels}-level PI-JEPA predictor"),
-        ({encoder.layer_norm_eps, predictor.layer_norm_eps} != {OFFICIAL_LAYER_NORM_EPS},
-         "a LayerNorm eps other than 1e-6")) if bad]
-    if problems:
-        raise ValueError(f"the official layout cannot hold this model ({'; '.join(problems)}); "
-                         "export a strided-patch, single-level model of an official width")
-    _, depth, heads, mlp_ratio = VIT_PRESETS[preset]
-    architecture = {key: value for key, value, official in (
-        ("depth", encoder.depth, depth), ("num_heads", encoder.num_heads, heads),
-        ("mlp_ratio", encoder.mlp_ratio, mlp_ratio), ("pred_num_heads", predictor.num_heads, encoder.num_heads),
-        ("pred_mlp_ratio", predictor.mlp_ratio, OFFICIAL_PREDICTOR_MLP_RATIO)) if value != official}
-    meta = {"model_name": "vit_" + preset, "pred_depth": predictor.depth, "pred_emb_dim": predictor.pred_dim}
-    if architecture:
-        meta["architecture"] = architecture
-    return {"meta": meta, "mask": {"patch_size": encoder.patch_size}, "data": {"crop_size": encoder.img_size}}
-
-
-def read_official_checkpoint(path):
-    """The checkpoint dict, read with weights_only=True: tensors and plain containers only, so a file that
-    would run code when unpickled is refused, never executed. Zip-format files are memory-mapped."""
-    import pickle
-    import zipfile
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        reason = str(e).partition("WeightsUnpickler error: ")[2].split(". ")[0] or str(e).splitlines()[0]
-        raise ValueError(f"refusing to load {path}: it holds pickled objects that are not weights and could run "
-                         f"code ({reason}); use a checkpoint from the official release or export_official") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path} is unreadable ({str(e).splitlines()[0]}); it is truncated or not a torch "
-                         "checkpoint") from None
-    if not isinstance(checkpoint, dict) or not set(OFFICIAL_ENCODER_KEYS.values()) & set(checkpoint):
-        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{path} is not an official I-JEPA checkpoint: expected 'encoder', 'predictor' and "
-                         f"'target_encoder' state dicts, found {found}")
-    return checkpoint
-
-
-def official_state(checkpoint, key, path):
-    """One state dict of an official checkpoint, with the DistributedDataParallel prefix removed."""
-    if not isinstance(checkpoint.get(key), dict):
-        raise ValueError(f"{path} has no {key!r} weights (it has {sorted(checkpoint)}); "
-                         "choose another encoder (which=..., --backbone-encoder)")
-    return {k.removeprefix(OFFICIAL_PREFIX): v for k, v in checkpoint[key].items()}
-
-
-def official_setup(path, config):
-    """(encoder config, predictor config, a name for messages) of an official checkpoint."""
-    config = config or official_yaml_beside(path)
-    encoder_cfg, predictor_cfg = official_configs(read_official_yaml(config), config)
-    return encoder_cfg, predictor_cfg, f"official {os.path.basename(path)} (architecture from {config})"
-
-
-def load_official_encoder(path, which="target", config=None):
-    encoder_cfg, _, name = official_setup(path, config)
-    state = official_state(read_official_checkpoint(path), OFFICIAL_ENCODER_KEYS[which], path)
-    return load_state_strict(VisionTransformer(encoder_cfg), state, f"{name} encoder").eval()
-
-
-def load_official_predictor(path, config=None):
-    _, predictor_cfg, name = official_setup(path, config)
-    state = official_state(read_official_checkpoint(path), "predictor", path)
-    return load_state_strict(Predictor(predictor_cfg), state, f"{name} predictor").eval()
-
-
-def last_metrics(folder):
-    """The last record of a run's metrics.jsonl ({} when there is none)."""
-    path = os.path.join(folder, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    try:
-        return json.loads(lines[-1]) if lines else {}
-    except json.JSONDecodeError:  # a line cut by a crash
-        return {}
-
-
-def export_official(folder, path):
-    """Write one of our runs as an official I-JEPA checkpoint at `path` (e.g. out.pth.tar) and its yaml
-    beside it (out.yaml); returns the yaml's path. Weights and run facts only: the optimiser state stays in
-    the run's checkpoints/ ("opt" and "scaler" are None: Meta's training code loads the weights, logs that it
-    cannot load the optimiser, and starts it afresh)."""
-    yaml = import_yaml()
-    config = read_run_config(folder)
-    if "encoder" not in config or "predictor" not in config:
-        raise ValueError(f"{folder} is not an I-JEPA run (its config.json has no encoder and predictor); export "
-                         "the --out folder of train_ijepa.py")
-    encoder_cfg = encoder_config_of(config)
-    settings = official_settings(encoder_cfg, config_from_dict(PredictorConfig, config["predictor"]))
-    weights = read_weights(folder)
-    checkpoint = {key: {OFFICIAL_PREFIX + k: v for k, v in split_state(weights, key + ".").items()}
-                  for key in ("encoder", "predictor", "target_encoder")}
-    last = last_metrics(folder)
-    checkpoint.update(opt=None, scaler=None, epoch=int(last.get("epoch", 0)), loss=last.get("loss"),
-                      batch_size=config.get("args", {}).get("batch_size"), world_size=config.get("world_size", 1),
-                      lr=last.get("lr"))
-    yaml_path = checkpoint_stem(path) + ".yaml"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    replace_file(path, lambda f: torch.save(checkpoint, f))
-    replace_file(yaml_path, lambda f: f.write(yaml.safe_dump(settings).encode()))
-    return yaml_path
-
-
-def checkpoint_stem(path):
-    """FILE for FILE.pth.tar (or .pth, .pt, .tar)."""
-    return next((path[: -len(s)] for s in CHECKPOINT_SUFFIXES if path.endswith(s)), path)
-
-
-def replace_file(path, write):
-    """write(binary file) into a temporary file, then rename it over path: readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    checkpoints.check_checkpoint_path(path, config)
+    if checkpoints.is_official_checkpoint(path):
+        return checkpoints.load_official_predictor(path, config)
+    predictor = Predictor(config_from_dict(PredictorConfig, checkpoints.read_run_config(path).get("predictor")))
+    return load_state_strict(predictor, split_state(checkpoints.read_weights(path), "predictor."), "predictor").eval()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -937,15 +744,18 @@ class HierarchicalHead(nn.Module):
         self.input_mean.copy_(features.mean(0))
         self.input_std.copy_(features.std(0).clamp_min(1e-6))
 
-    def aggregate(self, features):
-        """(..., L, D) features of L backbone depths -> (..., D)."""
-        features = (features - self.input_mean.to(features.dtype)) / self.input_std.to(features.dtype)
+    def aggregate(self, features, statistics=None):
+        """(..., L, D) features of L backbone depths -> (..., D), each layer standardised with `statistics`
+        (mean, std), each (L, D): by default those of mean-pooled features (set_input_statistics); per-token
+        features have another scale (token_statistics) and need their own."""
+        mean, std = statistics if statistics is not None else (self.input_mean, self.input_std)
+        features = (features - mean.to(features.dtype)) / std.to(features.dtype)
         if self.cfg.aggregation == "weighted-sum":
             return torch.einsum("...ld,l->...d", features, self.layer_logits.softmax(0).to(features.dtype))
         return self.layer_proj(features.flatten(-2))
 
-    def forward(self, features):
-        x = self.aggregate(features)
+    def forward(self, features, statistics=None):
+        x = self.aggregate(features, statistics)
         x = x + self.fc2(self.act(self.fc1(x)))
         return self.out(self.norm(x))
 
@@ -958,6 +768,21 @@ def layer_features(backbone, images, layers, keep=None):
 def pooled_layer_features(backbone, images, layers):
     """(B, L, D): each layer's tokens mean-pooled over the image."""
     return torch.stack([t.mean(1) for t in backbone.forward_intermediates(images, layers)], dim=1)
+
+
+@torch.no_grad()
+def token_statistics(backbone, batches, layers):
+    """(mean, std), each (L, D): per-dimension statistics over every token of the images in `batches` (an
+    iterable of (B, 3, H, W) tensors) at each layer, accumulated in float64. Tokens spread far more than their image means (about 30x
+    for an I-JEPA backbone), so the head standardises per-token inputs with these, not the pooled ones."""
+    total = squares = 0.0
+    count = 0
+    for images in batches:
+        tokens = layer_features(backbone, images, layers).flatten(0, 1).double()  # (B N, L, D)
+        total, squares, count = total + tokens.sum(0), squares + tokens.square().sum(0), count + tokens.shape[0]
+    mean = total / count
+    variance = (squares - count * mean.square()).clamp_min(0) / max(count - 1, 1)
+    return mean.float(), variance.sqrt().float().clamp_min(1e-6)
 
 
 class HeadFeatures(nn.Module):
@@ -977,20 +802,12 @@ class HeadFeatures(nn.Module):
         return self.backbone(images).mean(1)
 
 
-def resolve_pointer(folder, absolute, relative):
-    """A file a head run points to: at its absolute path, or at the same place relative to the run when
-    the run and the file moved together."""
-    for candidate in (absolute, os.path.join(folder, relative)):
-        if os.path.exists(candidate):
-            return os.path.normpath(candidate)
-    raise FileNotFoundError(f"{folder} points to {absolute}, which is missing; put it back or retrain the head "
-                            "with --backbone")
-
-
 def load_hierarchical_head(folder):
     """HeadFeatures (eval mode) from a train_hierarchical_predictor.py output folder: its head weights
     (`head.*` in model.safetensors, the online head) on the backbone its config.json points to."""
-    config = read_run_config(folder)
+    import checkpoints
+
+    config = checkpoints.read_run_config(folder)
     if "head" not in config or "backbone" not in config:
         raise ValueError(f"{folder} is not a hierarchical-head run (config.json has no 'head'); pass a folder "
                          "written by train_hierarchical_predictor.py")
@@ -1002,35 +819,14 @@ def load_hierarchical_head(folder):
                          "retrain the head with train_hierarchical_predictor.py")
     yaml_path = None
     if pointer["config"]:
-        yaml_path = resolve_pointer(folder, pointer["config"], pointer["relative_config"])
-    backbone = load_encoder(resolve_pointer(folder, pointer["path"], pointer["relative_path"]), pointer["which"],
-                            yaml_path)
-    load_state_strict(head, split_state(read_weights(folder), "head."), "head")
+        yaml_path = checkpoints.resolve_pointer(folder, pointer["config"], pointer["relative_config"])
+    backbone = load_encoder(checkpoints.resolve_pointer(folder, pointer["path"], pointer["relative_path"]),
+                            pointer["which"], yaml_path)
+    load_state_strict(head, split_state(checkpoints.read_weights(folder), "head."), "head")
     return HeadFeatures(backbone, head, image_size).eval()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line: python models.py export-official OUT_FOLDER FILE.pth.tar
+if __name__ == "__main__":  # `python models.py export-official ...` still works; the command is checkpoints.py's
+    import checkpoints
 
-
-def main(argv=None):
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="models.py", description="Model file utilities.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export-official", help="write a run folder as an official I-JEPA checkpoint "
-                                 "(FILE.pth.tar) with its yaml beside it (FILE.yaml)")
-    export.add_argument("folder", help="a run folder (config.json + model.safetensors)")
-    export.add_argument("file", help="the .pth.tar file to write")
-    args = parser.parse_args(argv)
-    try:
-        yaml_path = export_official(args.folder, args.file)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {args.file} and {yaml_path}")
-
-
-if __name__ == "__main__":
-    main()
+    checkpoints.main()

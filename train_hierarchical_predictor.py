@@ -20,12 +20,14 @@ the targets z from an EMA copy of the head with stop-gradient and predicts them 
 online branch (BYOL); stopgrad uses the head itself with stop-gradient (SimSiam). RankMe and the feature
 std of the head's outputs on held-out images are logged every epoch, so collapse shows in metrics.jsonl.
 --jepa-weight adds the masked-target objective through the backbone's I-JEPA predictor: the head's
-per-token features of the context must predict the backbone's (layer-normed) target-block features.
+per-token features of the context must predict the backbone's (layer-normed) target-block features; those
+tokens are standardised with per-token statistics (models.token_statistics), not the pooled ones.
 
 The output folder (--out) holds config.json (settings, the head's shape, a pointer to the backbone),
-model.safetensors (head.*: the online head that evaluation uses; online_predictor.*, target_head.*),
+model.safetensors (head.*: the online head that evaluation uses; online_predictor.*, target_head.*; with
+--jepa-weight token_mean and token_std),
 metrics.jsonl and checkpoints/; --resume continues exactly (with the same backbone, head and objective).
-The run is as safe as train_ijepa.py's, with its pieces: SIGTERM/SIGINT save a checkpoint and exit 128 +
+The run is as safe as train_ijepa.py's, through the same run.Run: SIGTERM/SIGINT save a checkpoint and exit 128 +
 signal, non-finite losses stop the run (or --skip-nonfinite N) and non-finite weights are never saved, and
 --overwrite clears an old run only once the new settings and data have loaded. Tiny-ImageNet (2,000-image
 subset, ViT-tiny backbone of 6 blocks trained 4 epochs on a 2-core CPU): ema keeps RankMe ~12 and the linear probe at 4.3%
@@ -36,24 +38,22 @@ import argparse
 import copy
 import os
 import sys
-import time
 from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (as_user_error, atomic_write_json, check_out_dir, check_same_model, collapse_metrics,
-                    exit_on_user_error, inference_autocast, latest_checkpoint, linear_ramp, load_checkpoint, MetricsLog, param_groups,
-                    prepare_out_dir, run_bytes_needed, set_optimizer_values, warmup_cosine)
-from data import (class_balanced_subset, ColourJitter, eval_transform, InMemoryBatches, load_split, normalize,
-                  RandomResizedCropFlip, seeded_sample, step_generator, UserError)
+from common import (ArgumentParser, as_user_error, collapse_metrics, exit_on_user_error, inference_autocast,
+                    linear_ramp, param_groups, set_optimizer_values, warmup_cosine)
+from data import (class_balanced_subset, ColourJitter, eval_transform, InMemoryBatches, load_split,
+                  MASK_SEED_OFFSET, normalize, RandomResizedCropFlip, seeded_sample, step_generator, UserError)
 from masks import MultiBlockMaskSampler
-from models import (gather_tokens, HeadConfig, HierarchicalHead, is_official_checkpoint, layer_features, load_encoder,
-                    load_predictor, official_yaml_beside, pooled_layer_features)
-from train_ijepa import (add_dataset_arguments, add_run_arguments, config_defaults, end_run, log_time_checks,
-                         make_accelerator, MASK_SEED_OFFSET, non_negative_float, non_negative_int, NonFiniteGuard,
-                         positive_int, save_when_due, StopRequest, write_checkpoint)
+from checkpoints import is_official_checkpoint, official_yaml_beside
+from models import (gather_tokens, HeadConfig, HierarchicalHead, layer_features, load_encoder, load_predictor,
+                    pooled_layer_features, token_statistics)
+from run import Run
+from settings import add_dataset_arguments, add_run_arguments, non_negative_float, parse_settings, positive_int
 
 SCRIPT = "train_hierarchical_predictor"
 
@@ -80,7 +80,7 @@ def probability(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of settings (flag names)")
 
     g = p.add_argument_group("backbone (frozen)")
@@ -128,9 +128,6 @@ def build_parser():
     g.add_argument("--final-lr", type=non_negative_float, default=1e-6)
     g.add_argument("--warmup-epochs", type=non_negative_float, default=1)
     g.add_argument("--weight-decay", type=non_negative_float, default=0.05)
-    g.add_argument("--skip-nonfinite", type=non_negative_int, default=0, metavar="N", help="skip up to N updates "
-                   "whose loss or gradients are not finite (one host sync a step); 0: stop at the first, checked "
-                   "at log time")
     g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
                    help="for the head (the frozen backbone runs in bf16 on GPUs and on CPUs with AMX/AVX512-BF16 "
                    "regardless)")
@@ -151,12 +148,7 @@ def attach_negative_values(argv):
 
 
 def parse_args(argv=None):
-    argv = attach_negative_values(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args, _ = parser.parse_known_args(argv)
-    if args.config:
-        parser.set_defaults(**config_defaults(parser, args.config))
-    args = parser.parse_args(argv)
+    args = parse_settings(build_parser(), attach_negative_values(sys.argv[1:] if argv is None else argv))
     if not args.backbone:
         raise UserError("--backbone is required: one of our run folders or an official I-JEPA .pth.tar")
     low, high = args.crop_scale
@@ -204,11 +196,17 @@ class HeadTrainer(nn.Module):
     """The trained head with its collapse guard, as one module for Accelerate. The frozen I-JEPA predictor
     (for --jepa-weight) rides along so that the whole loss is one forward call."""
 
-    def __init__(self, head_cfg, input_features, guard, predictor_hidden, jepa_predictor=None):
+    def __init__(self, head_cfg, input_features, guard, predictor_hidden, jepa_predictor=None,
+                 token_statistics=None):
         super().__init__()
         self.guard = guard
         self.head = HierarchicalHead(head_cfg)
         self.head.set_input_statistics(input_features)  # (N, L, D) pooled features of training images
+        if jepa_predictor is not None:  # the JEPA path feeds per-token features: their own (mean, std), (L, D)
+            if token_statistics is None:
+                raise ValueError("the JEPA objective needs token_statistics (models.token_statistics)")
+            self.register_buffer("token_mean", token_statistics[0].clone())
+            self.register_buffer("token_std", token_statistics[1].clone())
         D = head_cfg.embed_dim
         if guard != "none":
             self.online_predictor = nn.Sequential(nn.Linear(D, predictor_hidden), nn.GELU(),
@@ -233,7 +231,7 @@ class HeadTrainer(nn.Module):
         consistency = cosine_loss(predictions.float(), targets.float())  # both directions: symmetrised
         loss, info = consistency, {"loss_consistency": consistency.detach()}
         if jepa is not None:
-            tokens = self.head(jepa["tokens"])  # (B, Kc, D): the head on every context token
+            tokens = self.head(jepa["tokens"], (self.token_mean, self.token_std))  # (B, Kc, D): every context token
             prediction = self.jepa_predictor(tokens, jepa["context_idx"], jepa["target_idx"])  # (B, M, Kt, D)
             masked = F.smooth_l1_loss(prediction.float(), jepa["targets"].float())
             loss = loss + jepa_weight * masked
@@ -301,12 +299,8 @@ def run_config(args, pointer, backbone_cfg, head_cfg, image_size, data, world_si
 
 
 def train(args):
-    from tqdm.auto import tqdm
-
-    accelerator = make_accelerator(args)
-    main = accelerator.is_main_process
-    if main:  # before anything loads; an old run is only cleared once everything has been checked
-        check_out_dir(args.out, args.resume, args.overwrite)
+    run = Run(args, SCRIPT)  # checks --out before anything loads
+    accelerator = run.accelerator
     device = accelerator.device
 
     # -- backbone (frozen; bf16 on GPUs and on CPUs with AMX/AVX512-BF16) and data
@@ -345,37 +339,23 @@ def train(args):
         return {"tokens": tokens, "context_idx": masks.context_idx, "target_idx": masks.target_idx,
                 "targets": targets}
 
-    # -- head and optimiser
+    # -- head and optimiser; the head's inputs are standardised with statistics of unaugmented training images
     head_cfg = as_user_error(HeadConfig, embed_dim=backbone.cfg.embed_dim, layers=layers,
                              aggregation=args.aggregation, hidden=args.hidden)
     sample = seeded_sample(len(train_set), args.statistics_size, args.seed)
-    input_features = torch.cat([features(eval_transform(chunk.to(device), image_size))
-                                for chunk in train_set.images[sample].split(256)])
-    trainer = HeadTrainer(head_cfg, input_features, args.collapse_guard, args.predictor_hidden, jepa_predictor)
+    batches = lambda: (eval_transform(chunk.to(device), image_size) for chunk in train_set.images[sample].split(256))
+    input_features = torch.cat([features(images) for images in batches()])
+    statistics = None
+    if args.jepa_weight:  # per-token features, for the JEPA path
+        with backbone_autocast:
+            statistics = token_statistics(backbone, batches(), layers)
+    trainer = HeadTrainer(head_cfg, input_features, args.collapse_guard, args.predictor_hidden, jepa_predictor,
+                          statistics)
     optimizer = torch.optim.AdamW(param_groups(trainer, args.weight_decay), lr=args.lr, fused=device.type == "cuda")
-    trainer, optimizer = accelerator.prepare(trainer, optimizer)
+    trainer, optimizer = accelerator.prepare(trainer, optimizer)  # its forward now runs under --mixed-precision
     config = run_config(args, pointer, backbone.cfg, head_cfg, image_size, train_set, accelerator.num_processes)
-
-    # -- the output folder, once the settings and data have loaded; then the checkpoint to resume
-    if main:
-        needed = run_bytes_needed(accelerator.unwrap_model(trainer))
-        if prepare_out_dir(args.out, args.resume, args.overwrite, needed):
-            check_same_model(args.out, config, keys=SAME_RUN_KEYS)
-    accelerator.wait_for_everyone()
-    start_step, skipped_updates = 0, 0
-    if args.resume and latest_checkpoint(args.out):
-        path = latest_checkpoint(args.out)
-        state = load_checkpoint(accelerator, path)
-        start_step, skipped_updates = state["step"], state.get("skipped_nonfinite", 0)
-        accelerator.print(f"resumed from {path} at step {start_step}")
-    if main:
-        atomic_write_json(os.path.join(args.out, "config.json"), config)
-        if train_set.skipped:
-            accelerator.print(f"skipped {train_set.skipped} unreadable images (--skip-bad-images)")
-    if args.log_with:
-        accelerator.init_trackers(os.path.basename(os.path.normpath(args.out)), config=vars(args))
-    # Lines past the resumed step are a killed run's stale tail; a fresh start keeps none (it logs step 0 anew).
-    metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), main, start_step if start_step else -1)
+    step = run.start(trainer, config, steps_per_epoch, last_step, same_run_keys=SAME_RUN_KEYS,
+                     metadata={"backbone": pointer["path"]}, leave_out=("jepa_predictor.",))
 
     # -- collapse monitor: the backbone is frozen, so its features of the held-out images are computed once
     monitor_pooled = torch.cat([features(chunk) for chunk in monitor_images.split(256)])
@@ -386,67 +366,42 @@ def train(args):
     @torch.no_grad()
     def monitor():
         head = accelerator.unwrap_model(trainer).head
-        with accelerator.autocast():
+        with accelerator.autocast():  # the unwrapped head: Accelerate's autocast is on the prepared model only
             outputs = head(monitor_pooled)
         return {**{f"monitor_{k}": v for k, v in collapse_metrics(outputs).items()}, **backbone_record}
 
-    def schedules(step):
-        warmup = round(args.warmup_epochs * steps_per_epoch)
-        return (warmup_cosine(step, total_steps, warmup, args.start_lr, args.lr, args.final_lr),
-                linear_ramp(step, total_steps, *args.ema))
-
-    def checkpoint(step):
-        state = {"step": step, "epoch": step / steps_per_epoch, "world_size": accelerator.num_processes,
-                 "skipped_nonfinite": guard.skipped}
-        return write_checkpoint(accelerator, args.out, trainer, state, guard,
-                                {"script": SCRIPT, "backbone": pointer["path"]}, leave_out=("jepa_predictor.",))
-
-    # -- loop (as train_ijepa's: signals stop it with a checkpoint, non-finite values are never saved)
-    if start_step == 0:
-        metrics.write({"step": 0, "epoch": 0.0, **monitor()})
-    stop = StopRequest()
-    bar = tqdm(total=last_step, initial=start_step, disable=not main, dynamic_ncols=True)
-    guard = NonFiniteGuard(accelerator, args.out, args.skip_nonfinite, skipped_updates, bar)
-    stopping = False
-    window_start, window_images, step = time.perf_counter(), 0, start_step
+    # -- loop
+    if step == 0:
+        run.metrics.write({"step": 0, "epoch": 0.0, **monitor()})
     trainer.train()
     while step < last_step:
         epoch, index = divmod(step, steps_per_epoch)
-        lr, momentum = schedules(step)
+        warmup = round(args.warmup_epochs * steps_per_epoch)  # schedules: pure functions of the step
+        lr = warmup_cosine(step, total_steps, warmup, args.start_lr, args.lr, args.final_lr)
+        momentum = linear_ramp(step, total_steps, *args.ema)
         set_optimizer_values(optimizer, lr, args.weight_decay)
         views, _ = loader.batch(epoch, index, step)  # (2, B, 3, S, S)
         pooled = features(views.flatten(0, 1)).unflatten(0, (2, -1))  # (2, B, L, D)
         jepa = jepa_inputs(views[0], step) if sampler else None
-        with accelerator.autocast():
-            loss, info = trainer(pooled, jepa, args.jepa_weight)
+        loss, info = trainer(pooled, jepa, args.jepa_weight)
         accelerator.backward(loss)
-        guard.observe(loss)
-        update = guard.update_allowed(trainer, step)
+        run.observe(loss, views.shape[1])
+        update = run.update_allowed(step)
         if update:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if update:
             accelerator.unwrap_model(trainer).update_target(momentum)
-        window_images += views.shape[1] * accelerator.num_processes
         step += 1
-        bar.update(1)
-        epoch_end = step % steps_per_epoch == 0 or step == last_step
-        stopping = stop.signal is not None and accelerator.num_processes == 1  # several agree at log time
-        if step % args.log_every == 0 or epoch_end or stopping:
-            stopping |= log_time_checks(accelerator, guard, stop, step)
-            elapsed = time.perf_counter() - window_start
+        if run.log_due(step):
             record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr, "momentum": momentum,
-                      "images_per_s": window_images / max(elapsed, 1e-9), **{k: float(v) for k, v in info.items()}}
-            window_start, window_images = time.perf_counter(), 0
-            if epoch_end:
+                      **run.throughput(), **{k: float(v) for k, v in info.items()}}
+            if run.epoch_end(step):
                 record.update(monitor())
-            metrics.write(record)
-            accelerator.log(record, step=step)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-        if save_when_due(accelerator, args, checkpoint, step, steps_per_epoch, last_step, stopping, stop):
+            run.log(record)
+        if run.save_if_due(step):
             break
-    bar.close()
-    end_run(accelerator, stop, stopping, f"done: {step} steps; head and checkpoint in {args.out}")
+    run.finish(f"done: {step} steps; head and checkpoint in {args.out}")
     return trainer
 
 

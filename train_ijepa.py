@@ -11,61 +11,35 @@ encoder gives those targets. The output folder (--out) holds config.json (every 
 (encoder, target_encoder, predictor), metrics.jsonl and checkpoints/ (Accelerate save_state folders);
 `python evaluate_embeddings.py --ckpt OUT` evaluates it. Results: RESULTS.md.
 
-train_pijepa.py runs this same loop with the latent-pyramid objective.
+train_pijepa.py runs this same loop with the latent-pyramid objective. The run's plumbing (output folder,
+resume, checkpoints, signals, non-finite losses, metrics) is run.Run; shared flags and YAML are settings.py.
 """
 
 import argparse
-import math
 import os
-import re
-import signal
-import sys
-import time
 from dataclasses import asdict
 
 import torch
-import yaml
 
-from common import (ArgumentParser, as_user_error, atomic_save_safetensors, atomic_write_json, check_out_dir,
-                    check_same_model, collapse_metrics, cosine_ramp, default_mixed_precision, exit_on_user_error, latest_checkpoint,
-                    linear_ramp, load_checkpoint, MetricsLog, one_line, param_groups, prepare_out_dir,
-                    precision_note, run_bytes_needed, save_checkpoint, set_optimizer_values, warmup_cosine)
-from data import (eval_transform, InMemoryBatches, load_split, open_stream, Prefetcher, RandomResizedCropFlip,
-                  seeded_sample, step_generator, StreamedBatches, UserError)
+from common import (ArgumentParser, as_user_error, collapse_metrics, cosine_ramp, exit_on_user_error, linear_ramp,
+                    param_groups, set_optimizer_values, warmup_cosine)
+from data import (eval_transform, InMemoryBatches, load_split, MASK_SEED_OFFSET, open_stream, Prefetcher,
+                  RandomResizedCropFlip, seeded_sample, step_generator, StreamedBatches, UserError)
 from masks import MultiBlockMaskSampler
 from models import IJEPA, PredictorConfig, vit_config
+from run import check_cuda_graphs, compile_model, Run
+from settings import add_dataset_arguments, add_run_arguments, non_negative_float, parse_settings, positive_int
 
 # Per-dataset defaults: (image size, patch size).
 DATASET_GEOMETRY = {"digits": (32, 4), "cifar10": (32, 4), "cifar100": (32, 4), "tiny-imagenet": (64, 8)}
-MASK_SEED_OFFSET = 7_777  # masks and augmentations draw from separate per-step streams
 
 
 # ----------------------------------------------------------------------------------------------------
 # Settings
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not value >= 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
 def build_parser(description=__doc__):
+    """The flags, in groups; --config FILE gives them from YAML (flag names, or an official I-JEPA yaml)."""
     p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of settings (flag names, or the official I-JEPA sections)")
 
@@ -116,9 +90,6 @@ def build_parser(description=__doc__):
     g.add_argument("--final-weight-decay", type=non_negative_float, default=0.4)
     g.add_argument("--ema", type=float, nargs=2, default=(0.996, 1.0), help="EMA momentum start, end")
     g.add_argument("--grad-clip", type=non_negative_float, default=0.0, help="max grad norm (0: off)")
-    g.add_argument("--skip-nonfinite", type=non_negative_int, default=0, metavar="N", help="skip up to N updates "
-                   "whose loss or gradients are not finite, checked before each optimizer step (one host sync a step); "
-                   "0: stop at the first, checked at log time")
     g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
                    help="default: accelerate's config, else bf16 on CPUs with AMX/AVX512-BF16 (bf16 is also the "
                    "fast choice on GPUs)")
@@ -131,144 +102,8 @@ def build_parser(description=__doc__):
     return p
 
 
-def add_dataset_arguments(parser):
-    """The "data" flags that name and read a dataset, shared by the training scripts; returns the group."""
-    g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="digits", help="digits | cifar10 | cifar100 | imagefolder:<dir|tar> | "
-                   "tiny-imagenet:<dir|tar.gz> | hf:<hub id>")
-    g.add_argument("--data-root", default="data", help="where cifar downloads and decoded-image caches go")
-    g.add_argument("--image-column", help="hf: image column (default: found by type)")
-    g.add_argument("--label-column", help="hf: label column (default: found by type)")
-    g.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
-    return g
-
-
-def add_run_arguments(parser, default_out):
-    """The "run" flags every training script shares; returns the group for script-specific additions."""
-    g = parser.add_argument_group("run")
-    g.add_argument("--out", default=default_out)
-    g.add_argument("--resume", action="store_true", help="continue the run in --out (fresh if it has none)")
-    g.add_argument("--overwrite", action="store_true", help="replace a finished or stopped run in --out")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines")
-    g.add_argument("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
-    g.add_argument("--monitor-size", type=positive_int, default=512, help="held-out images for the "
-                   "per-epoch collapse monitor")
-    g.add_argument("--max-steps", type=positive_int, help="stop after this many steps (smoke tests)")
-    g.add_argument("--log-with", default=None, choices=("tensorboard",), help="an Accelerate tracker")
-    return g
-
-
-def make_accelerator(args, **kwargs):
-    """The run's Accelerator. Several processes without CUDA (torch.distributed.run on CPU) need cpu=True
-    for Accelerate to use gloo."""
-    from accelerate import Accelerator
-
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    precision = default_mixed_precision(args.mixed_precision, torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=precision, log_with=args.log_with, project_dir=args.out, cpu=multi_cpu,
-                              **kwargs)
-    accelerator.print(precision_note(accelerator))
-    return accelerator
-
-
-# Official I-JEPA yaml (sections data/mask/meta/optimization/logging) -> our flag names.
-OFFICIAL_KEYS = {
-    ("data", "batch_size"): "batch_size", ("data", "crop_size"): "image_size", ("data", "crop_scale"): "crop_scale",
-    ("data", "use_horizontal_flip"): "flip", ("mask", "num_pred_masks"): "num_targets",
-    ("mask", "pred_mask_scale"): "target_scale", ("mask", "enc_mask_scale"): "context_scale",
-    ("mask", "aspect_ratio"): "target_aspect", ("mask", "min_keep"): "min_keep", ("mask", "patch_size"): "patch_size",
-    ("meta", "pred_depth"): "pred_depth", ("meta", "pred_emb_dim"): "pred_dim", ("optimization", "epochs"): "epochs",
-    ("optimization", "ema"): "ema", ("optimization", "lr"): "lr", ("optimization", "start_lr"): "start_lr",
-    ("optimization", "final_lr"): "final_lr", ("optimization", "warmup"): "warmup_epochs",
-    ("optimization", "weight_decay"): "weight_decay", ("optimization", "final_weight_decay"): "final_weight_decay",
-    ("logging", "folder"): "out",
-}
-# Official keys that describe their cluster set-up or features we do differently; read and ignored.
-OFFICIAL_IGNORED = {("data", "num_workers"), ("data", "pin_mem"), ("data", "color_jitter_strength"),
-                    ("data", "use_color_distortion"), ("data", "use_gaussian_blur"), ("meta", "copy_data"),
-                    ("meta", "load_checkpoint"), ("meta", "read_checkpoint"), ("logging", "write_tag"),
-                    ("optimization", "ipe_scale"), ("mask", "num_enc_masks"), ("mask", "allow_overlap")}
-
-
-def official_to_flags(sections):
-    flags, unknown = {}, []
-    for section, values in sections.items():
-        if not isinstance(values, dict):
-            raise UserError(f"config section {section!r} must be a mapping")
-        for key, value in values.items():
-            if (section, key) in OFFICIAL_KEYS:
-                flags[OFFICIAL_KEYS[section, key]] = value
-            elif (section, key) == ("meta", "model_name"):
-                flags["model"] = str(value).removeprefix("vit_")
-            elif (section, key) == ("meta", "use_bfloat16"):
-                flags["mixed_precision"] = "bf16" if value else "no"
-            elif (section, key) == ("data", "root_path"):
-                flags["dataset"] = "imagefolder:" + os.path.join(str(value), str(values.get("image_folder", "")))
-            elif (section, key) == ("mask", "num_enc_masks") and value != 1:
-                raise UserError("mask.num_enc_masks must be 1: one context block per image is supported")
-            elif (section, key) == ("mask", "allow_overlap") and value:
-                raise UserError("mask.allow_overlap: true would let the context see targets; it is not supported")
-            elif (section, key) not in OFFICIAL_IGNORED and (section, key) != ("data", "image_folder"):
-                unknown.append(f"{section}.{key}")
-    if unknown:
-        raise UserError(f"unknown keys in the official-format config: {', '.join(unknown)}")
-    return flags
-
-
-def config_defaults(parser, path):
-    """Settings from a YAML file, checked against the parser: unknown keys and wrong types are errors."""
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise UserError(f"cannot read config {path} ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"config {path} must be a mapping of settings")
-    official = {"data", "mask", "meta", "optimization", "logging"}
-    flags = official_to_flags(raw) if raw and set(raw) <= official else {k.replace("-", "_"): v for k, v in raw.items()}
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
-    unknown = sorted(set(flags) - set(actions))
-    if unknown:
-        raise UserError(f"unknown settings in {path}: {', '.join(unknown)}; see --help for the names")
-    return {key: check_value(actions[key], value, path) for key, value in flags.items()}
-
-
-def check_value(action, value, path):
-    """Convert a YAML value with the flag's own type, so a config is checked exactly like the CLI."""
-    name = "--" + action.dest.replace("_", "-")
-    try:
-        if isinstance(action, argparse.BooleanOptionalAction) or action.nargs == 0:
-            if not isinstance(value, bool):
-                raise TypeError("expected true or false")
-            return value
-        if action.nargs is not None:
-            count = action.nargs if isinstance(action.nargs, int) else None  # "+" and "*" take any length
-            if not isinstance(value, (list, tuple)) or (count is not None and len(value) != count):
-                raise TypeError(f"expected a list of {count or 'one or more'} values")
-            return tuple(action.type(str(v)) if action.type else v for v in value)
-        if value is None:  # null: "not set", for settings that have no default
-            if action.default is not None:
-                raise TypeError("expected a value, got null")
-            return None
-        if isinstance(value, (list, dict)):
-            raise TypeError("expected a single value")
-        converted = action.type(str(value)) if action.type else str(value)
-        if action.choices and converted not in action.choices:
-            raise TypeError(f"expected one of {', '.join(map(str, action.choices))}")
-        return converted
-    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-        raise UserError(f"config {path}: {name} = {value!r} is invalid ({e})") from None
-
-
 def parse_args(argv=None, parser=None):
-    parser = parser or build_parser()
-    args, _ = parser.parse_known_args(argv)
-    if args.config:
-        parser.set_defaults(**config_defaults(parser, args.config))
-    args = parser.parse_args(argv)
+    args = parse_settings(parser or build_parser(), argv)
     finish_args(args)
     return args
 
@@ -297,7 +132,7 @@ def finish_args(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model and masks
+# Model, masks, optimiser
 
 
 def encoder_config(args):
@@ -306,10 +141,8 @@ def encoder_config(args):
 
 
 def predictor_config(args, encoder_cfg, levels=1):
-    pred_dim = args.pred_dim or min(384, encoder_cfg.embed_dim // 2)
-    heads = args.pred_heads or encoder_cfg.num_heads
-    return as_user_error(PredictorConfig, embed_dim=encoder_cfg.embed_dim, pred_dim=pred_dim, depth=args.pred_depth,
-                         num_heads=heads, grid_size=encoder_cfg.grid_size, levels=levels)
+    return as_user_error(PredictorConfig.for_encoder, encoder_cfg, pred_dim=args.pred_dim, num_heads=args.pred_heads,
+                         depth=args.pred_depth, levels=levels)
 
 
 def build_model(args):
@@ -323,216 +156,32 @@ def build_mask_sampler(args, grid_size):
                          context_scale=args.context_scale, min_keep=args.min_keep, num_context=args.num_context)
 
 
-def run_config(args, model, data, script, world_size):
-    """Everything config.json records: evaluation rebuilds the models from it alone."""
-    return {"script": script, "args": vars(args), "encoder": asdict(model.encoder.cfg),
-            "predictor": asdict(model.predictor.cfg), "classes": data.classes, "train_images": len(data),
-            "skipped_images": data.skipped, "world_size": world_size, "torch": torch.__version__}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Speed: optimiser, compilation, FLOPs and MFU (bench.py times these same pieces)
-
-# Dense (not sparse) bf16 tensor-core peak in TFLOP/s; the first pattern found in the device name wins.
-PEAK_BF16_TFLOPS = ((r"H100.*PCIe", 756.0), (r"H100 NVL", 835.0), (r"H100|H200|GH200", 989.0), (r"B200", 2250.0),
-                    (r"A100", 312.0), (r"L40S", 362.0), (r"\bL4\b", 121.0), (r"\bA10\b", 125.0))
-
-
 def build_optimizer(model, args, device):
     """AdamW on param_groups; fused (one kernel for all parameters) on CUDA."""
     return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=device.type == "cuda")
-
-
-def compile_model(model, cuda_graphs=False):
-    """torch.compile with static shapes: mask lengths are fixed per run and batches are full, so it compiles
-    once. With cuda_graphs, mode "reduce-overhead" records the step's kernels as CUDA graphs and replays each
-    with one launch, for small models whose steps are bound by kernel launches."""
-    return torch.compile(model, mode="reduce-overhead" if cuda_graphs else "default", dynamic=False)
-
-
-def check_cuda_graphs(cuda_graphs, device):
-    if cuda_graphs and device.type != "cuda":
-        raise UserError(f"--cuda-graphs needs a CUDA GPU and this run is on {device.type}; drop it "
-                        "(--compile works on any device)")
-
-
-def peak_tflops(device_name):
-    """Dense bf16 peak of a GPU named like torch.cuda.get_device_name(), or None for one not in the table."""
-    return next((tflops for pattern, tflops in PEAK_BF16_TFLOPS if re.search(pattern, device_name)), None)
-
-
-def block_flops(tokens, width, mlp_width):
-    """Matmul FLOPs of one transformer block's forward on one sequence: qkv 6LD^2, attention scores and
-    values 4L^2D, output projection 2LD^2, MLP 4LDH."""
-    return 8 * tokens * width**2 + 4 * tokens * width * mlp_width + 4 * tokens**2 * width
-
-
-def conv_flops(module, size):
-    """Matmul FLOPs of each Conv2d layer in `module` (applied in order) on one size x size image, a list."""
-    flops = []
-    for conv in (m for m in module.modules() if isinstance(m, torch.nn.Conv2d)):
-        size = (size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
-        flops.append(2 * size**2 * conv.out_channels * conv.in_channels // conv.groups * math.prod(conv.kernel_size))
-    return flops
-
-
-def ijepa_flops_per_image(model, encoder_tokens, context_tokens, num_targets, target_tokens):
-    """Matmul FLOPs of one I-JEPA training step per image, the count MFU divides by:
-
-        F(L, D, H) = 8 L D^2 + 4 L D H + 4 L^2 D          one block's forward on a sequence of L tokens
-        target     = E + d F(N, D, H)                     target encoder, forward only, all N patches
-        context    = E + d F(Kc, D, H)                    context encoder on its Kc patches
-        predictor  = 2 Kc D P + M dp F(Kc + Kt, P, Hp) + 2 M Kt P D
-        step       = target + 3 (context + predictor) - E1
-
-    E is the patch embedding on all N patches (2 N C p^2 D when strided), E1 its first convolution (all of
-    it when strided); d, D, H the encoder's depth, width and MLP width, dp, P, Hp the predictor's; M target
-    blocks of Kt patches. A backward pass costs twice its forward (input and weight gradients), except the
-    images' gradient, which is never computed (- E1). This equals torch's FlopCounterMode on a training
-    step with the math attention kernel (flash attention's backward also recomputes the scores: not counted).
-    Recomputation under --grad-checkpointing is not counted: MFU counts the model's FLOPs, not the GPU's.
-    encoder_tokens is Kc for I-JEPA; with PI-JEPA's pyramid the encoder sees only the fine context
-    patches, and the predictor reads context_tokens (all levels)."""
-    enc, pred = model.encoder.cfg, model.predictor.cfg
-    convs = conv_flops(model.encoder.patch_embed, enc.img_size)
-    embed = sum(convs)
-    mlp, pred_mlp = int(enc.embed_dim * enc.mlp_ratio), int(pred.pred_dim * pred.mlp_ratio)
-    target = embed + enc.depth * block_flops(enc.grid_size**2, enc.embed_dim, mlp)
-    context = embed + enc.depth * block_flops(encoder_tokens, enc.embed_dim, mlp)
-    predictor = (2 * context_tokens * enc.embed_dim * pred.pred_dim
-                 + num_targets * pred.depth * block_flops(context_tokens + target_tokens, pred.pred_dim, pred_mlp)
-                 + 2 * num_targets * target_tokens * pred.pred_dim * enc.embed_dim)
-    return target + 3 * (context + predictor) - convs[0]
-
-
-def step_flops_per_image(model, masks):
-    """ijepa_flops_per_image at the lengths of a batch of masks (Masks, or PI-JEPA's with context_sizes)."""
-    inputs = masks.model_inputs()
-    context_tokens = inputs["context_idx"].shape[1]
-    encoder_tokens = inputs.get("context_sizes", (context_tokens,))[0]
-    _, num_targets, target_tokens = inputs["target_idx"].shape
-    return ijepa_flops_per_image(model, encoder_tokens, context_tokens, num_targets, target_tokens)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training loop (shared with train_pijepa.py)
-
-
-class StopRequest:
-    """SIGTERM/SIGINT (preemption, Ctrl-C) set a flag; the loop saves a checkpoint after the current step
-    (several processes: at the next log step, where they agree) and the script exits with status
-    128 + signal number, as if the signal had ended it, so a job scheduler sees an unfinished run.
-    A second signal exits at once."""
-
-    def __init__(self):
-        self.signal, self.exit_code = None, 128 + signal.SIGTERM
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def handle(self, signum, frame):
-        if self.signal is not None:  # a second signal: give up at once
-            sys.exit(128 + signum)
-        self.signal, self.exit_code = signal.Signals(signum).name, 128 + signum
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def any_process(accelerator, *flags):
-    """Boolean flags (tensors or bools) read in one host synchronisation, each True if set on any process."""
-    values = torch.stack([torch.as_tensor(f, device=accelerator.device) for f in flags]).float()
-    if accelerator.num_processes > 1:
-        values = accelerator.reduce(values, "max")
-    return (values > 0).tolist()
-
-
-def all_finite(tensors):
-    """A boolean 0-d tensor (reading it is the caller's host sync): every element of every tensor is finite."""
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
-
-
-class NonFiniteGuard:
-    """Non-finite losses and gradients. By default the flag is read at log time only (no extra host
-    sync) and the run stops there, naming the last good checkpoint, which predates the bad step.
-    With --skip-nonfinite N each update is checked before optimizer.step (one sync a step) and up to
-    N bad updates are skipped: no optimizer step, no EMA update."""
-
-    def __init__(self, accelerator, out, allowed_skips, skipped, bar):
-        self.accelerator, self.out, self.allowed_skips, self.skipped = accelerator, out, allowed_skips, skipped
-        self.bar = bar  # closed before the error, which then prints on a line of its own
-        self.flag = torch.zeros((), dtype=torch.bool, device=accelerator.device)
-
-    def observe(self, loss):
-        self.flag |= ~torch.isfinite(loss.detach())
-
-    def update_allowed(self, model, step):
-        """Called where gradients are complete, before optimizer.step: False when the update is skipped."""
-        if not self.allowed_skips:
-            return True
-        flags = [self.flag]
-        if self.accelerator.scaler is None:  # fp16's loss scaler skips its own overflowing steps
-            flags.append(~all_finite([p.grad for p in model.parameters() if p.grad is not None]))
-        bad = any(any_process(self.accelerator, *flags))
-        self.flag.zero_()
-        if not bad:
-            return True
-        self.skipped += 1
-        if self.skipped > self.allowed_skips:
-            self.stop(step + 1, f"{self.skipped} non-finite updates, more than --skip-nonfinite {self.allowed_skips}")
-        self.accelerator.print(f"\nstep {step + 1}: non-finite loss or gradients, update skipped "
-                               f"({self.skipped} of --skip-nonfinite {self.allowed_skips})")
-        return False
-
-    def stop(self, step, what="non-finite loss"):
-        self.bar.close()
-        previous = latest_checkpoint(self.out)
-        raise UserError(f"{what} at or before step {step}; the last good checkpoint is {previous or 'none yet'} "
-                        "(lower --lr, use --mixed-precision bf16 instead of fp16, or --skip-nonfinite N)")
-
-
-def write_checkpoint(accelerator, out, model, state, guard, metadata, leave_out=()):
-    """model.safetensors (less the weights whose names start with one of leave_out) and a resumable
-    checkpoint, never with non-finite weights; a failed write is one line naming the intact checkpoint."""
-    from safetensors import SafetensorError
-
-    step = state["step"]
-    if not all_finite(list(model.parameters())):  # a finite loss can still end in an overflowing update
-        guard.stop(step, "non-finite weights")
-    weights = {k: v for k, v in accelerator.get_state_dict(model).items() if not k.startswith(tuple(leave_out))}
-    try:
-        if accelerator.is_main_process:
-            atomic_save_safetensors(os.path.join(out, "model.safetensors"), weights,
-                                    metadata={"step": str(step), **metadata})
-        return save_checkpoint(accelerator, out, state)
-    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap OSErrors
-        guard.bar.close()
-        raise UserError(f"cannot write the step {step} checkpoint in {out} ({one_line(e)}); the last complete "
-                        f"one, {latest_checkpoint(out) or 'none'}, is intact: free some space and continue with "
-                        "--resume") from None
 
 
 @torch.no_grad()
 def monitor(accelerator, model, images):
     """Collapse monitor: statistics of the target encoder's mean-pooled features on a fixed batch."""
     encoder = accelerator.unwrap_model(model).target_encoder
-    with accelerator.autocast():
+    with accelerator.autocast():  # the unwrapped encoder: Accelerate's autocast is on the prepared model only
         features = torch.cat([encoder(chunk).mean(1) for chunk in images.split(256)])
     return {f"monitor_{k}": v for k, v in collapse_metrics(features).items()}
 
 
-def train(args, model, sampler, script="train_ijepa"):
-    from tqdm.auto import tqdm
+# ----------------------------------------------------------------------------------------------------
+# Training (train_pijepa.py runs it with its model and sampler)
 
-    accelerator = make_accelerator(args, gradient_accumulation_steps=args.grad_accum)
-    main = accelerator.is_main_process
-    if main:  # before the data loads; an old run is only cleared once everything has been checked
-        check_out_dir(args.out, args.resume, args.overwrite)
-    device = accelerator.device
+
+def train(args, model, sampler, script="train_ijepa"):
+    run = Run(args, script, gradient_accumulation_steps=args.grad_accum)  # checks --out before anything loads
+    accelerator = run.accelerator
+    device, rank, processes = accelerator.device, accelerator.process_index, accelerator.num_processes
     check_cuda_graphs(args.cuda_graphs, device)
 
-    # -- data
+    # -- data: uint8 images on the device, augmented there in batches; masks drawn ahead on a CPU thread
     augment = RandomResizedCropFlip(args.image_size, scale=args.crop_scale, flip=args.flip)
-    rank, processes = accelerator.process_index, accelerator.num_processes
     if args.stream:  # decoded from disk by workers; only the monitor's images are held in memory
         stream_settings = dict(storage_size=args.storage_size, seed=args.seed, skip_bad_images=args.skip_bad_images)
         train_set = open_stream(args.dataset, "train", max_per_class=args.max_per_class, **stream_settings)
@@ -557,138 +206,67 @@ def train(args, model, sampler, script="train_ijepa"):
     last_step = min(total_steps, args.max_steps or total_steps)
     # Mask settings that leave too little context fail in the sampler's redraws: here, not mid-run.
     as_user_error(sampler.sample, args.batch_size, step_generator(args.seed + MASK_SEED_OFFSET, 0))
+    # Draw k is a pure function of (seed, rank, k): a resumed run sees the masks an uninterrupted one would.
+    mask_stream = Prefetcher(lambda k: sampler.sample(args.batch_size, step_generator(
+        args.seed + MASK_SEED_OFFSET, k, rank)), device)
 
     # -- model and optimiser
     if args.grad_checkpointing:
         model.encoder.grad_checkpointing = model.predictor.grad_checkpointing = True
     optimizer = build_optimizer(model, args, device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # The compiled wrapper only runs the step; saving and unwrapping use `model` (no "_orig_mod." in names).
-    # Compiled after prepare, so that a DDP wrapper is compiled with the model.
+    model, optimizer = accelerator.prepare(model, optimizer)  # its forward now runs under --mixed-precision
+    raw_model = accelerator.unwrap_model(model)  # saving, EMA and FLOPs: parameter names without wrappers
+    # Compiled after prepare, so that a DDP wrapper is compiled with the model; the compiled wrapper only
+    # runs the step.
     step_model = compile_model(model, args.cuda_graphs) if args.compile or args.cuda_graphs else model
-    config = run_config(args, accelerator.unwrap_model(model), train_set, script, accelerator.num_processes)
-    if main:
-        needed = run_bytes_needed(accelerator.unwrap_model(model))
-        if prepare_out_dir(args.out, args.resume, args.overwrite, needed):
-            check_same_model(args.out, config)
-    accelerator.wait_for_everyone()
-    start_step, skipped_updates = 0, 0
-    if args.resume and latest_checkpoint(args.out):
-        path = latest_checkpoint(args.out)
-        state = load_checkpoint(accelerator, path)
-        start_step, skipped_updates = state["step"], state.get("skipped_nonfinite", 0)
-        accelerator.print(f"resumed from {path} at step {start_step}")
-    if main:  # written once the settings, the data and the checkpoint to resume have all loaded
-        atomic_write_json(os.path.join(args.out, "config.json"), config)
-        if train_set.skipped:
-            accelerator.print(f"skipped {train_set.skipped} unreadable images (--skip-bad-images)")
-    if args.log_with:
-        accelerator.init_trackers(os.path.basename(os.path.normpath(args.out)), config=vars(args))
-    metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), main, start_step)  # drops a stale tail
-
-    def schedules(step):
-        warmup = round(args.warmup_epochs * steps_per_epoch)
-        return (warmup_cosine(step, total_steps, warmup, args.start_lr, args.lr, args.final_lr),
-                cosine_ramp(step, total_steps, args.weight_decay, args.final_weight_decay),
-                linear_ramp(step, total_steps, *args.ema))
-
-    def checkpoint(step):
-        state = {"step": step, "epoch": step / steps_per_epoch, "world_size": accelerator.num_processes,
-                 "skipped_nonfinite": guard.skipped}
-        return write_checkpoint(accelerator, args.out, model, state, guard, {"script": script})
+    config = {"script": script, "args": vars(args), "encoder": asdict(raw_model.encoder.cfg),
+              "predictor": asdict(raw_model.predictor.cfg), "classes": train_set.classes,
+              "train_images": len(train_set), "skipped_images": train_set.skipped, "world_size": processes,
+              "torch": torch.__version__}  # evaluation rebuilds the models from config.json alone
+    step = run.start(model, config, steps_per_epoch, last_step)  # clears or resumes --out, writes config.json
 
     # -- loop
-    stop = StopRequest()
-    bar = tqdm(total=last_step, initial=start_step, disable=not main, dynamic_ncols=True)
-    guard = NonFiniteGuard(accelerator, args.out, args.skip_nonfinite, skipped_updates, bar)
-    stopping = False
-    window_start, window_images, step = time.perf_counter(), 0, start_step
-    # Masks are drawn on the CPU a few steps ahead, on a background thread: no host sync in the step. Draw k
-    # is a pure function of (seed, rank, k), so a resumed run sees the masks an uninterrupted one would.
-    mask_stream = Prefetcher(lambda k: sampler.sample(args.batch_size, step_generator(
-        args.seed + MASK_SEED_OFFSET, k, accelerator.process_index)), device)
-    peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     model.train()
     while step < last_step:
         epoch, index = divmod(step, steps_per_epoch)
-        lr, weight_decay, momentum = schedules(step)
+        warmup = round(args.warmup_epochs * steps_per_epoch)  # schedules: pure functions of the step
+        lr = warmup_cosine(step, total_steps, warmup, args.start_lr, args.lr, args.final_lr)
+        weight_decay = cosine_ramp(step, total_steps, args.weight_decay, args.final_weight_decay)
+        momentum = linear_ramp(step, total_steps, *args.ema)
         set_optimizer_values(optimizer, lr, weight_decay)
         for micro in range(args.grad_accum):
-            images, _ = loader.batch(epoch, index * args.grad_accum + micro, step * args.grad_accum + micro)
-            masks = mask_stream.get(step * args.grad_accum + micro)
+            draw = step * args.grad_accum + micro
+            images, _ = loader.batch(epoch, index * args.grad_accum + micro, draw)  # (B, 3, S, S) normalised
+            masks = mask_stream.get(draw)  # context_idx (B, Kc), target_idx (B, M, Kt): patch indices
             if args.cuda_graphs:  # a new step: the graphs may now overwrite the previous step's outputs
                 torch.compiler.cudagraph_mark_step_begin()
-            with accelerator.accumulate(model), accelerator.autocast():
-                loss, info = step_model(images, **masks.model_inputs())
+            with accelerator.accumulate(model):
+                loss, info = step_model(images, **masks.model_inputs())  # predict the targets' EMA features
                 accelerator.backward(loss)
-                guard.observe(loss)
-                update = not accelerator.sync_gradients or guard.update_allowed(model, step)
+                run.observe(loss, images.shape[0])
+                update = not accelerator.sync_gradients or run.update_allowed(step)
                 if args.grad_clip and accelerator.sync_gradients and update:
                     accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
                 if update:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window_images += images.shape[0] * accelerator.num_processes
         if update:
-            accelerator.unwrap_model(model).update_target(momentum)
+            raw_model.update_target(momentum)  # target encoder <- EMA of the context encoder
         step += 1
-        bar.update(1)
-        epoch_end = step % steps_per_epoch == 0 or step == last_step
-        stopping = stop.signal is not None and accelerator.num_processes == 1  # several agree at log time
-        if step % args.log_every == 0 or epoch_end or stopping:
-            stopping |= log_time_checks(accelerator, guard, stop, step)
-            elapsed = time.perf_counter() - window_start
+        if run.log_due(step):
             record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr, "weight_decay": weight_decay,
-                      "momentum": momentum, "images_per_s": window_images / max(elapsed, 1e-9),
+                      "momentum": momentum, **run.throughput(raw_model.flops_per_image(**masks.model_inputs())),
                       **{k: float(v) for k, v in info.items()}, **{k: float(v) for k, v in masks.stats().items()}}
-            window_start, window_images = time.perf_counter(), 0
-            if peak:  # per GPU: model matmul FLOP/s over the dense bf16 peak
-                record["mfu"] = (step_flops_per_image(accelerator.unwrap_model(model), masks)
-                                 * record["images_per_s"] / accelerator.num_processes / (peak * 1e12))
-            if epoch_end:
+            if run.epoch_end(step):
                 record.update(monitor(accelerator, model, monitor_images))
-                model.train()
-            metrics.write(record)
-            accelerator.log(record, step=step)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", ips=f"{record['images_per_s']:.0f}")
-        if save_when_due(accelerator, args, checkpoint, step, steps_per_epoch, last_step, stopping, stop):
+            run.log(record)
+        if run.save_if_due(step):
             break
-    bar.close()
+
+    # -- end
     mask_stream.close()
-    end_run(accelerator, stop, stopping, f"done: {step} steps; model and checkpoint in {args.out}")
+    run.finish(f"done: {step} steps; model and checkpoint in {args.out}")
     return model
-
-
-def log_time_checks(accelerator, guard, stop, step):
-    """The one host synchronisation of a log step: a non-finite loss on any process stops the run (naming
-    the step); a stop signal seen by any process stops them all. Returns whether to stop."""
-    nonfinite, stop_seen = any_process(accelerator, guard.flag, stop.signal is not None)
-    if nonfinite:
-        guard.stop(step)
-    return stop_seen
-
-
-def save_when_due(accelerator, args, checkpoint, step, steps_per_epoch, last_step, stopping, stop):
-    """Checkpoint on a stop request (and say where), or after every --save-every-th epoch and the last
-    step. Returns True when the loop must stop."""
-    if stopping:
-        path = checkpoint(step)
-        accelerator.print(f"\n{stop.signal or 'stop requested'}: saved a resumable checkpoint at step {step} "
-                          f"in {path}; continue with --resume --out {args.out}")
-        return True
-    epoch_end = step % steps_per_epoch == 0 or step == last_step
-    if epoch_end and ((step // steps_per_epoch) % args.save_every == 0 or step == last_step):
-        checkpoint(step)
-    return False
-
-
-def end_run(accelerator, stop, stopping, message):
-    """Restore the signal handlers and close the trackers; a run stopped by a signal exits 128 + signal."""
-    stop.restore()
-    accelerator.end_training()
-    if stopping:
-        sys.exit(stop.exit_code)
-    accelerator.print(message)
 
 
 @exit_on_user_error

@@ -21,8 +21,8 @@ from common import as_user_error, exit_on_user_error
 from data import UserError
 from masks import PYRAMID_STRATEGIES, PyramidMaskSampler
 from models import check_pyramid_levels, PyramidIJEPA
-from train_ijepa import (build_parser, encoder_config, non_negative_float, parse_args, positive_int, predictor_config,
-                         train)
+from settings import non_negative_float, positive_int
+from train_ijepa import build_parser, encoder_config, parse_args, predictor_config, train  # the loop it reuses
 
 MOST_LEVELS = 3  # the default number of levels is at most this
 

@@ -297,6 +297,16 @@ def evaluate_quietly(capsys, *argv):
     return results
 
 
+def test_cache_of_fewer_pyramid_levels_does_not_answer_for_more(run_copy, capsys):
+    """--scales 2 caches the test split with 2 pyramid levels; --scales 2 4 then needs 3 (a 4x4 grid)."""
+    first = evaluate_quietly(capsys, "--ckpt", run_copy, "--scales", "2")
+    assert first["scale_robustness"]["pyramid_2x"]["level"] == 1
+    second = evaluate_quietly(capsys, "--ckpt", run_copy, "--scales", "2", "4")
+    assert second["scale_robustness"]["pyramid_4x"]["level"] == 2
+    assert second["scale_robustness"]["pyramid_2x"] == first["scale_robustness"]["pyramid_2x"]
+    assert second["cache_hits"]["train/full"] and not second["cache_hits"]["test/full"]
+
+
 def test_end_to_end_pijepa_checkpoint(tmp_path, capsys):
     out = tmp_path / "pi"
     run_script("train_pijepa.py", *TINY_TRAIN, "--patch-size", "4", "--epochs", "1", "--levels", "3",

@@ -15,8 +15,9 @@ from hypothesis import given, HealthCheck, settings, strategies as st
 
 import train_ijepa
 import train_pijepa
-from common import exit_on_user_error
+from common import as_user_error, exit_on_user_error
 from masks import MultiBlockMaskSampler, PyramidMaskSampler
+from checkpoints import OFFICIAL_FLAGS
 from models import config_from_dict, PredictorConfig, pyramid_offsets, ViTConfig
 
 # What the samplers document raising; anything else, or another message, is a bug.
@@ -102,8 +103,8 @@ def test_pyramid_sampler_invariants(grid, levels, strategy, batch, seed, options
 
 PARSER = train_ijepa.build_parser()
 FLAGS = sorted(a.dest for a in PARSER._actions if a.dest not in ("help", "config"))
-OFFICIAL = sorted({section for section, _ in train_ijepa.OFFICIAL_KEYS} | {"meta", "mask"})
-OFFICIAL_KEYS = sorted({key for _, key in train_ijepa.OFFICIAL_KEYS} | {"model_name", "use_bfloat16", "root_path",
+OFFICIAL = sorted({section for section, _ in OFFICIAL_FLAGS} | {"meta", "mask"})
+OFFICIAL_KEYS = sorted({key for _, key in OFFICIAL_FLAGS} | {"model_name", "use_bfloat16", "root_path",
                                                                          "num_enc_masks", "allow_overlap"})
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**9, 10**9), st.floats(allow_nan=True),
                     st.text(max_size=10), st.sampled_from(["digits", "tiny", "0.5", "1e-3", "true", "vit_tiny"]))
@@ -134,7 +135,7 @@ def build_everything(args, script):
     train_ijepa.predictor_config(args, encoder_cfg, levels)
     if encoder_cfg.grid_size <= 16 and args.num_targets <= 8:
         sampler = script.build_mask_sampler(args, encoder_cfg.grid_size)
-        train_ijepa.as_user_error(sampler.sample, 2, torch.Generator().manual_seed(0))
+        as_user_error(sampler.sample, 2, torch.Generator().manual_seed(0))
 
 
 @settings(max_examples=300, deadline=None)

@@ -55,6 +55,38 @@ def test_input_standardisation_uses_the_measured_statistics():
     torch.testing.assert_close(standardised.std(0), torch.ones(D), atol=1e-3, rtol=0)
 
 
+def test_jepa_path_standardises_tokens_with_token_statistics(trained_run):
+    """--jepa-weight feeds the head per-token features, which spread far more than image means: standardised
+    with the pooled statistics they came out many times too large (31-33 on the quick-start checkpoint)."""
+    from masks import MultiBlockMaskSampler
+    from models import gather_tokens, layer_features, load_predictor, token_statistics
+    from train_hierarchical_predictor import HeadTrainer
+
+    backbone, layers = load_encoder(str(trained_run)), (-1,)
+    images = eval_transform(load_split("digits", "train").images[:256], 32)  # (N, 3, 32, 32)
+    with torch.no_grad():
+        pooled = pooled_layer_features(backbone, images, layers)  # (N, L, D)
+        statistics = token_statistics(backbone, images.split(64), layers)
+        trainer = HeadTrainer(HeadConfig(embed_dim=D, layers=layers, hidden=64), pooled, "ema", 64,
+                              load_predictor(str(trained_run)), statistics)
+        head_inputs = []  # what the head's MLP reads: the standardised layer (one layer: no mixing)
+        trainer.head.fc1.register_forward_pre_hook(lambda module, args: head_inputs.append(args[0]))
+        masks = MultiBlockMaskSampler(backbone.cfg.grid_size, num_targets=2, min_keep=4).sample(
+            64, torch.Generator().manual_seed(0))
+        view = images[:64]
+        h = backbone(view)
+        jepa = {"tokens": layer_features(backbone, view, layers, keep=masks.context_idx),
+                "context_idx": masks.context_idx, "target_idx": masks.target_idx,
+                "targets": gather_tokens(torch.nn.functional.layer_norm(h, h.shape[-1:]), masks.target_idx)}
+        trainer(pooled[:64].expand(2, -1, -1, -1), jepa, 1.0)
+    pooled_inputs, token_inputs = head_inputs  # the consistency path, then the JEPA path
+    assert 0.5 < pooled_inputs.flatten(0, -2).std(0).mean() < 2
+    assert 0.5 < token_inputs.flatten(0, -2).std(0).mean() < 2
+    assert token_inputs.flatten(0, -2).mean(0).abs().mean() < 0.5
+    # the same tokens standardised as image means: the scale the review measured
+    assert trainer.head.aggregate(jepa["tokens"]).flatten(0, -2).std(0).mean() > 3
+
+
 def test_pooled_layer_features_of_the_last_layer_are_the_pooled_encoder_output():
     encoder = VisionTransformer(vit_config("tiny", depth=3, img_size=32, patch_size=8)).eval()
     images = torch.randn(2, 3, 32, 32)
@@ -127,7 +159,8 @@ def test_end_to_end_with_exact_resume_and_the_head_loader(trained_run, tmp_path)
     assert "resumed from" in proc.stdout + proc.stderr
 
     weights, resumed = load_file(full / "model.safetensors"), load_file(split / "model.safetensors")
-    assert {k.split(".")[0] for k in weights} == {"head", "online_predictor", "target_head"}
+    # the frozen I-JEPA predictor is left out; token_mean/std standardise the JEPA path's per-token inputs
+    assert {k.split(".")[0] for k in weights} == {"head", "online_predictor", "target_head", "token_mean", "token_std"}
     assert weights.keys() == resumed.keys() and all(torch.equal(weights[k], resumed[k]) for k in weights)
     records = read_metrics(full / "metrics.jsonl")
     split_records = {r["step"]: r for r in read_metrics(split / "metrics.jsonl")}
@@ -152,7 +185,8 @@ def test_end_to_end_with_exact_resume_and_the_head_loader(trained_run, tmp_path)
 def test_bad_settings_give_one_line(trained_run, tmp_path):
     for args, message in ((["--backbone", trained_run, "--layers", "-1,-5"], "--layers -5 out of range for a backbone "
                            "of depth 2"), ([], "--backbone is required"),
-                          (["--backbone", tmp_path / "nothing"], "does not exist")):
+                          (["--backbone", tmp_path / "nothing"], "does not exist"),
+                          (["--backbone", trained_run, "--jitter-prob", "2"], "argument --jitter-prob: must lie in")):
         proc = run_script("train_hierarchical_predictor.py", *args, "--out", tmp_path / "bad", check=False)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
 

@@ -23,7 +23,8 @@ import train_pijepa
 from common import CHECKPOINTS, latest_checkpoint, RUN_FILES
 from conftest import TINY_TRAIN, run_script
 from data import decode_image, load_split, open_stream, UserError
-from models import load_encoder, read_official_checkpoint
+from checkpoints import read_official_checkpoint
+from models import load_encoder
 
 
 def one_line_error(main, argv, capsys):
@@ -96,7 +97,11 @@ def test_bad_pyramid_settings(tmp_path, capsys, flags, message):
 @pytest.mark.parametrize("text, message", [
     ("epochs: 2\nepoch: 3\n", "unknown settings in"),
     ("batch_size: [32]\n", "--batch-size = [32] is invalid"),
-    ("lr: fast\n", "--lr = 'fast' is invalid"),
+    ("lr: fast\n", "argument --lr: invalid non_negative_float value: 'fast'"),
+    ("epochs: 0\n", "run.yaml: argument --epochs: must be a positive integer, got 0"),
+    ("target_scale: 0.2\n", "--target-scale = 0.2 is invalid (expected a list of 2 values)"),
+    ("- a\n- b\n", "must be a mapping of settings"),
+    ("meta: {model_name: vit_tiny, colour: blue}\n", "unknown keys in the official-format config: meta.colour"),
     ("flip: 1\n", "--flip = 1 is invalid (expected true or false)"),
     ("target_scale: {low: 0.1}\n", "--target-scale = {'low': 0.1} is invalid"),
     ("epochs: [1, 2\n", "is not valid YAML"),

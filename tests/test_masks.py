@@ -130,3 +130,19 @@ def test_stats_report_mask_sizes():
     assert stats["mask_context"] == sampler.num_context and stats["mask_target"] == sampler.num_target
     assert sampler.num_context <= float(stats["mask_context_visible"]) <= 64
     assert not math.isnan(float(stats["mask_target_union"]))
+
+
+def test_sampling_draws_only_from_the_given_generator():
+    """No global random state is read or changed: the caller's generator alone fixes the masks."""
+    sampler = MultiBlockMaskSampler(8, min_keep=4)
+    state = torch.get_rng_state()
+    first = sampler.sample(4, torch.Generator().manual_seed(3))
+    torch.manual_seed(123)  # another global state: the same masks
+    second = sampler.sample(4, torch.Generator().manual_seed(3))
+    assert torch.equal(first.context_idx, second.context_idx) and torch.equal(first.target_idx, second.target_idx)
+    torch.manual_seed(0)
+    torch.set_rng_state(state)
+    sampler.sample(4, torch.Generator().manual_seed(4))
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(TypeError):
+        sampler.sample(4)  # a generator is required

@@ -209,3 +209,22 @@ def test_grad_checkpointing_gives_the_same_gradients():
     model(images, context_idx, target_idx)[0].backward()
     for ref, p in zip(reference, model.encoder.parameters()):
         torch.testing.assert_close(p.grad, ref)
+
+
+def test_predictor_config_for_encoder_fits_any_preset():
+    """PredictorConfig.for_encoder derives the width min(384, D / 2), the encoder's heads and grid, so a
+    model built from models.py alone fits the encoder (the plain defaults only fit ViT-tiny at 32 px)."""
+    for preset, (width, _, heads, _) in VIT_PRESETS.items():
+        encoder = vit_config(preset, img_size=64, patch_size=16)
+        cfg = PredictorConfig.for_encoder(encoder, depth=2)
+        assert (cfg.embed_dim, cfg.pred_dim, cfg.num_heads, cfg.grid_size, cfg.depth) == (
+            width, min(384, width // 2), heads, 4, 2)
+    encoder = vit_config("small", img_size=32, patch_size=8, depth=1)
+    model = IJEPA(encoder, PredictorConfig.for_encoder(encoder, depth=1, pred_dim=96, num_heads=2))
+    assert model.predictor.cfg.pred_dim == 96 and model.predictor.cfg.num_heads == 2
+    context_idx = torch.arange(8).expand(2, -1)
+    target_idx = torch.arange(10, 14).expand(2, 1, -1)
+    loss, _ = model(torch.randn(2, 3, 32, 32), context_idx, target_idx)
+    assert loss.isfinite()
+    with pytest.raises(ValueError, match="does not fit the encoder.*PredictorConfig.for_encoder"):
+        IJEPA(encoder, PredictorConfig())  # ViT-tiny's width at 32 px: not this encoder's

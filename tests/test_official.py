@@ -17,8 +17,8 @@ import torch.nn as nn
 import yaml
 
 from conftest import ROOT, run_script
-from models import (load_encoder, load_predictor, official_configs, official_settings,
-                    PredictorConfig, sincos_grid_embed, vit_config)
+from checkpoints import official_configs, official_settings
+from models import load_encoder, load_predictor, PredictorConfig, sincos_grid_embed, vit_config
 
 # A tiny official-style run: vit_tiny (width 192, 12 blocks, 3 heads) on 32 px images, patch 8.
 OFFICIAL_YAML = {
@@ -284,7 +284,7 @@ def test_weights_only_loading_refuses_a_pickle_that_runs_code(official, tmp_path
 
 def test_export_import_round_trip(trained_run, tmp_path):
     path = tmp_path / "exported" / "run.pth.tar"
-    proc = run_script("models.py", "export-official", trained_run, path)
+    proc = run_script("checkpoints.py", "export-official", trained_run, path)
     assert "run.yaml" in proc.stdout
     checkpoint = torch.load(path, weights_only=True)
     assert {"encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss", "batch_size", "world_size",
@@ -323,7 +323,7 @@ def test_export_refuses_what_the_official_layout_cannot_hold(tmp_path):
     predictor = PredictorConfig(embed_dim=192, pred_dim=96, depth=2, num_heads=3, grid_size=8, levels=3)
     with pytest.raises(ValueError, match="a conv patch stem; a 3-level PI-JEPA predictor"):
         official_settings(encoder, predictor)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "models.py"), "export-official", str(tmp_path / "none"),
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "checkpoints.py"), "export-official", str(tmp_path / "none"),
                            str(tmp_path / "x.pth.tar")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "has no config.json" in proc.stderr
     assert not (tmp_path / "x.pth.tar").exists()

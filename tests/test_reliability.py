@@ -201,6 +201,7 @@ OVERFLOWING_GRADIENTS = """
 import sys
 sys.path.insert(0, {root!r})
 import train_ijepa
+from common import exit_on_user_error
 
 bad_passes = {{int(k) for k in sys.argv[1].split(",")}}
 args = train_ijepa.parse_args(sys.argv[2:])
@@ -213,7 +214,7 @@ def overflow(grad):
 
 model.predictor.mask_token.register_hook(overflow)
 sampler = train_ijepa.build_mask_sampler(args, model.encoder.cfg.grid_size)
-train_ijepa.exit_on_user_error(train_ijepa.train)(args, model, sampler)
+exit_on_user_error(train_ijepa.train)(args, model, sampler)
 """
 
 

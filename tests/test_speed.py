@@ -20,7 +20,7 @@ from data import (InMemoryBatches, load_split, normalize, open_stream, Prefetche
 from masks import MultiBlockMaskSampler, PyramidMaskSampler
 from models import IJEPA, PredictorConfig, vit_config
 from test_masks import check_invariants
-from train_ijepa import check_cuda_graphs, compile_model, peak_tflops, step_flops_per_image
+from run import check_cuda_graphs, compile_model, peak_tflops
 
 
 def tiny_ijepa(patch_embed="strided", img_size=16, depth=1):
@@ -203,7 +203,7 @@ def test_flop_formula_equals_torch_flop_counter(patch_embed):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         loss, _ = model(torch.randn(4, 3, 32, 32), **masks.model_inputs())
         loss.backward()
-    assert counter.get_total_flops() == 4 * step_flops_per_image(model, masks)
+    assert counter.get_total_flops() == 4 * model.flops_per_image(**masks.model_inputs())
 
 
 def test_peak_table_matches_gpu_names():

@@ -50,7 +50,7 @@ from data import (class_balanced_subset, ColourJitter, eval_transform, InMemoryB
                   RandomResizedCropFlip, seeded_sample, step_generator, UserError)
 from masks import MultiBlockMaskSampler
 from models import (gather_tokens, HeadConfig, HierarchicalHead, is_official_checkpoint, layer_features, load_encoder,
-                    load_predictor, official_yaml_beside, pooled_layer_features)
+                    load_predictor, official_yaml_beside, pooled_layer_features, VisionTransformer)
 from train_ijepa import (add_dataset_arguments, add_run_arguments, config_defaults, end_run, log_time_checks,
                          make_accelerator, MASK_SEED_OFFSET, non_negative_float, non_negative_int, NonFiniteGuard,
                          positive_int, save_when_due, StopRequest, write_checkpoint)
@@ -181,6 +181,9 @@ def load_backbone(args):
         predictor = load_predictor(path, yaml_path) if args.jepa_weight else None
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"--backbone: {e}") from None
+    if not isinstance(encoder, VisionTransformer):  # the head reads several depths of one token width
+        raise UserError(f"--backbone {path} is a {type(encoder).__name__}, which gives one layer of tokens; the "
+                        "hierarchical head needs a ViT backbone")
     depth = encoder.cfg.depth
     bad = [i for i in args.layers if not -depth <= i < depth]
     if bad:

@@ -19,7 +19,8 @@ from test_train import assert_same_weights
 SMALL_RESNET = ["--encoder", "resnet", "--resnet-width", "16", "--resnet-layers", "1", "1", "1", "1"]
 EVERY_OPTION = ["--predictor", "mlp", "--vicreg-weight", "0.5", "--cycle-weight", "0.5",
                 "--target-scale-schedule", "0.05", "0.1"]
-TINY_TRAIN_RESNET = [f for f in TINY_TRAIN if f not in ("--depth", "2")]  # --depth sets the ViT
+DEPTH = TINY_TRAIN.index("--depth")
+TINY_TRAIN_RESNET = TINY_TRAIN[:DEPTH] + TINY_TRAIN[DEPTH + 2:]  # --depth sets the ViT
 
 
 def small_resnet(img_size=32, patch_size=8, **overrides):
@@ -248,7 +249,7 @@ def test_a_resnet_run_loads_and_evaluates(resnet_run, tmp_path):
     assert encoder(torch.randn(2, 3, 32, 32)).shape == (2, 16, 128)
     proc = run_script("evaluate_embeddings.py", "--ckpt", resnet_run, "--no-tsne", "--data-root", tmp_path)
     results = json.loads((resnet_run / "eval" / "results.json").read_text())
-    assert "linear probe" in proc.stdout and 0.0 <= results["linear_probe"]["full"]["accuracy"] <= 1.0
+    assert "linear probe" in proc.stdout and results["linear_probe"]["top1"] > 0.3  # 10 digit classes: chance 0.1
     assert results["feature_dim"] == 128
 
 

@@ -304,6 +304,8 @@ def finish_args(args):
             raise UserError(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {low} {high}")
     if args.encoder == "resnet" and (args.depth or args.heads or args.patch_embed != "strided"):
         raise UserError("--depth, --heads and --patch-embed set the ViT; --encoder resnet is a ResNet-18: drop them")
+    if args.encoder == "vit" and (args.resnet_stem or args.resnet_layers or args.resnet_width):
+        raise UserError("--resnet-stem, --resnet-layers and --resnet-width set the ResNet: add --encoder resnet")
     if args.vicreg_weight and args.batch_size < 2:
         raise UserError("--vicreg-weight needs --batch-size >= 2: its variance is measured across the batch")
     if not 0 <= args.ema[0] <= args.ema[1] <= 1:

@@ -21,6 +21,9 @@ Steps of `sample` (all samples of the batch at once, every random draw from the 
      drop the bottom of the image). `num_target` is the smallest block the scale/aspect ranges produce;
      `num_context` defaults to the 5th percentile of the context size under these settings.
 
+ScheduledMaskSampler(sampler, start, total_steps).at(step) is the sampler of one step when the target scale
+range ramps from `start` to the sampler's over training (train_ijepa.py --target-scale-schedule).
+
 The official sampler draws scale and aspect from one random number (they are correlated), never places a
 block on the last row or column, and trims every sample to the batch's smallest mask; none of that here.
 """

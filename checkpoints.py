@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from models import (config_from_dict, load_state_strict, Predictor, PredictorConfig, split_state, VIT_PRESETS,
+from models import (config_from_dict, load_state_strict, MLPPredictorConfig, Predictor, PredictorConfig, ResNetConfig,
+                    split_state, VIT_PRESETS,
                     vit_config, VisionTransformer, ViTConfig)
 
 # ----------------------------------------------------------------------------------------------------
@@ -46,7 +47,19 @@ def read_weights(folder):
 
 
 def encoder_config_of(run_config):
-    return config_from_dict(ViTConfig, run_config.get("encoder"))
+    """ViTConfig or ResNetConfig (its `kind` says so) of a run's config.json."""
+    values = run_config.get("encoder")
+    if isinstance(values, dict) and values.get("kind") == "resnet":
+        return config_from_dict(ResNetConfig, values)
+    return config_from_dict(ViTConfig, values)
+
+
+def predictor_config_of(run_config):
+    """PredictorConfig or MLPPredictorConfig (its `kind` says so) of a run's config.json."""
+    values = run_config.get("predictor")
+    if isinstance(values, dict) and values.get("kind") == "mlp":
+        return config_from_dict(MLPPredictorConfig, values)
+    return config_from_dict(PredictorConfig, values)
 
 
 def check_checkpoint_path(path, config):
@@ -204,6 +217,9 @@ def official_configs(settings, source="the yaml"):
 
 def official_settings(encoder, predictor):
     """The inverse of official_configs: the yaml settings that rebuild these configs."""
+    if not isinstance(encoder, ViTConfig) or not isinstance(predictor, PredictorConfig):
+        raise ValueError("the official layout holds a ViT encoder and a transformer predictor, not a "
+                         f"{type(encoder).__name__} and {type(predictor).__name__}; export a ViT run")
     preset = next((p for p, (width, *_) in VIT_PRESETS.items() if width == encoder.embed_dim), None)
     problems = [text for bad, text in (
         (preset is None, f"width {encoder.embed_dim} is none of the official widths "
@@ -300,7 +316,7 @@ def export_official(folder, path):
         raise ValueError(f"{folder} is not an I-JEPA run (its config.json has no encoder and predictor); export "
                          "the --out folder of train_ijepa.py")
     encoder_cfg = encoder_config_of(config)
-    settings = official_settings(encoder_cfg, config_from_dict(PredictorConfig, config["predictor"]))
+    settings = official_settings(encoder_cfg, predictor_config_of(config))
     weights = read_weights(folder)
     checkpoint = {key: {OFFICIAL_PREFIX + k: v for k, v in split_state(weights, key + ".").items()}
                   for key in ("encoder", "predictor", "target_encoder")}

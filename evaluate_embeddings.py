@@ -216,6 +216,9 @@ def load_feature_models(args, run_config):
 def backbone_feature_fn(encoder, pool, pyramid_levels=0):
     """images -> {"features": (B, D) or (B, 4D) for last4} plus, with pyramid_levels, "pyramid": (B, L, D)."""
     depth = len(encoder.blocks)
+    if pool == "last4" and not isinstance(encoder, models.VisionTransformer):
+        raise UserError(f"--pool last4 reads four ViT blocks; this encoder is a {type(encoder).__name__} with one "
+                        "layer of tokens: use --pool mean")
     if pool == "last4" and depth < 4:
         raise UserError(f"--pool last4 needs an encoder of at least 4 blocks, this one has {depth}; "
                         "use --pool mean")

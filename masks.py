@@ -21,6 +21,9 @@ Steps of `sample` (all samples of the batch at once, every random draw from the 
      drop the bottom of the image). `num_target` is the smallest block the scale/aspect ranges produce;
      `num_context` defaults to the 5th percentile of the context size under these settings.
 
+ScheduledMaskSampler(sampler, start, total_steps).at(step) is the sampler of one step when the target scale
+range ramps from `start` to the sampler's over training (train_ijepa.py --target-scale-schedule).
+
 The official sampler draws scale and aspect from one random number (they are correlated), never places a
 block on the last row or column, and trims every sample to the batch's smallest mask; none of that here.
 """
@@ -67,6 +70,10 @@ class MultiBlockMaskSampler:
     def __init__(self, grid_size, num_targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
                  context_scale=(0.85, 1.0), context_aspect=(1.0, 1.0), min_keep=10, num_context=None,
                  num_target=None, max_redraws=100):
+        self.settings = dict(grid_size=grid_size, num_targets=num_targets, target_scale=target_scale,
+                             target_aspect=target_aspect, context_scale=context_scale, context_aspect=context_aspect,
+                             min_keep=min_keep, num_context=num_context, num_target=num_target,
+                             max_redraws=max_redraws)  # what ScheduledMaskSampler rebuilds it from
         self.grid_h, self.grid_w = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
         self.num_patches = self.grid_h * self.grid_w
         if num_targets < 1:
@@ -148,6 +155,40 @@ class MultiBlockMaskSampler:
         return Masks(context_idx=random_subset(context, self.num_context, generator),
                      target_idx=random_subset(targets, self.num_target, generator),
                      context_visible=context.sum(-1), target_union=targets.any(1).sum(-1))
+
+
+def scheduled_target_scale(step, total_steps, start, end):
+    """The target scale range (min, max) at `step`: each bound moves linearly from start (step 0) to end
+    (step total_steps) and stays there, a pure function of the step like the other schedules."""
+    progress = min(1.0, step / max(1, total_steps))
+    return tuple(a + (b - a) * progress for a, b in zip(start, end))
+
+
+class ScheduledMaskSampler:
+    """Multi-block masks whose target scale range ramps from `start` to the sampler's own target_scale
+    over total_steps (scheduled_target_scale): `at(step)` is the MultiBlockMaskSampler of that step, with
+    every other setting of `sampler`. Lengths follow the range: the step's num_target is the smallest
+    block its range gives and num_context its context's 5th percentile (unless the sampler fixed them), so
+    shapes change as the blocks grow. Each draw is a function of (step, generator): a resumed run sees
+    the masks of an uninterrupted one."""
+
+    def __init__(self, sampler, start, total_steps):
+        if type(sampler) is not MultiBlockMaskSampler:
+            raise ValueError(f"the target-scale schedule is for I-JEPA's multi-block masks, not "
+                             f"{type(sampler).__name__}; drop --target-scale-schedule")
+        _check_range("target scale schedule start", start, 0.0, 1.0)
+        self.sampler, self.start, self.total_steps = sampler, tuple(start), total_steps
+        self.cache = (None, None)  # (step, its sampler): micro-batches share a step; one assignment, so
+        # the mask-drawing thread and the loop's logging never see a step paired with another's sampler
+
+    def at(self, step):
+        cached_step, cached = self.cache
+        if step == cached_step:
+            return cached
+        scale = scheduled_target_scale(step, self.total_steps, self.start, self.sampler.target_scale)
+        sampler = MultiBlockMaskSampler(**{**self.sampler.settings, "target_scale": scale})
+        self.cache = (step, sampler)
+        return sampler
 
 
 def random_subset(mask, k, generator):

@@ -11,6 +11,7 @@ which reads the files.
     model = IJEPA(enc.cfg, PredictorConfig.for_encoder(enc.cfg))   # the predictor that fits the encoder
     loss, info = model(images, context_idx, target_idx)            # indices from masks.MultiBlockMaskSampler
     encoder = load_encoder("out/c10")         # a trained encoder from one of our output folders
+    enc = ResNetEncoder(resnet_config(32, 4)) # a ResNet-18 whose final map is the same 8 x 8 token grid
 
 Parameter names follow the official I-JEPA / timm layout (`patch_embed.proj`, `pos_embed`,
 `blocks.{i}.attn.qkv`, `blocks.{i}.mlp.fc1`, `norm`, `predictor_embed`, `mask_token`, ...), so Meta's
@@ -87,8 +88,10 @@ class PredictorConfig:
     def for_encoder(cls, encoder: "ViTConfig", pred_dim=None, num_heads=None, **fields):
         """The predictor that fits `encoder`: its width and grid, I-JEPA's width min(384, D / 2) and the
         encoder's head count unless given; other fields (depth, levels, ...) as given or the defaults."""
-        return cls(embed_dim=encoder.embed_dim, grid_size=encoder.grid_size,
-                   pred_dim=pred_dim or min(384, encoder.embed_dim // 2), num_heads=num_heads or encoder.num_heads,
+        pred_dim = pred_dim or min(384, encoder.embed_dim // 2)
+        # A ResNet has no head count to copy: heads of 64 channels, the ViT presets' head width.
+        num_heads = num_heads or getattr(encoder, "num_heads", max(1, pred_dim // 64))
+        return cls(embed_dim=encoder.embed_dim, grid_size=encoder.grid_size, pred_dim=pred_dim, num_heads=num_heads,
                    **fields)
 
 
@@ -440,9 +443,22 @@ class IJEPA(nn.Module):
     """Context encoder, EMA target encoder and predictor, with the loss in representation space.
 
     Subclasses (PI-JEPA) change `targets` and `context` to work on the latent pyramid; the predictor and
-    loss are shared, so with one level the two objectives are the same computation."""
+    loss are shared, so with one level the two objectives are the same computation.
 
-    def __init__(self, encoder_cfg: ViTConfig, predictor_cfg: PredictorConfig, loss="smooth_l1"):
+    Optional terms (0: off), added to the prediction loss:
+      vicreg_weight  VICReg's variance and covariance terms (vicreg_terms) of the context encoder's tokens
+                     mean-pooled per image, weighted variance + VICREG_COVARIANCE_RATIO x covariance. On the
+                     context encoder because that is where collapse starts (the target is its EMA, and a
+                     predictor could spread its outputs while the encoder stays collapsed); per image
+                     because that is what collapses (RankMe and the probe read pooled features) and an
+                     image's tokens are not independent samples: their spread across positions could meet
+                     a token-level variance target while the images share one direction.
+      cycle_weight   cycle consistency: the predictor, given its own predictions at the target positions
+                     as context, predicts the context patches back; the loss compares that with the target
+                     encoder's tokens there (the space the predictor predicts into, no gradient)."""
+
+    def __init__(self, encoder_cfg: ViTConfig, predictor_cfg: PredictorConfig, loss="smooth_l1",
+                 vicreg_weight=0.0, cycle_weight=0.0):
         super().__init__()
         if loss not in ("smooth_l1", "mse"):
             raise ValueError(f"unknown loss {loss!r}; use 'smooth_l1' or 'mse'")
@@ -450,10 +466,13 @@ class IJEPA(nn.Module):
             raise ValueError(f"the predictor (embed_dim {predictor_cfg.embed_dim}, grid {predictor_cfg.grid_size}) does "
                              f"not fit the encoder (embed_dim {encoder_cfg.embed_dim}, grid {encoder_cfg.grid_size}); "
                              "build it with PredictorConfig.for_encoder(encoder_cfg)")
+        if not (vicreg_weight >= 0 and cycle_weight >= 0):
+            raise ValueError(f"the VICReg and cycle weights must be >= 0, got {vicreg_weight} and {cycle_weight}")
         self.loss_name = loss
-        self.encoder = VisionTransformer(encoder_cfg)
+        self.vicreg_weight, self.cycle_weight = vicreg_weight, cycle_weight
+        self.encoder = make_encoder(encoder_cfg)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
-        self.predictor = Predictor(predictor_cfg)
+        self.predictor = make_predictor(predictor_cfg)
 
     @torch.no_grad()
     def targets(self, images, target_idx):
@@ -472,10 +491,26 @@ class IJEPA(nn.Module):
 
     def forward(self, images, context_idx, target_idx):
         """Returns the scalar loss and a dict of detached tensors to log."""
-        target = self.targets(images, target_idx)
-        pred = self.predictor(self.context(images, context_idx), context_idx, target_idx)
-        loss = self.prediction_loss(pred, target)
-        return loss, {"loss": loss.detach()}
+        B, M, Kt = target_idx.shape
+        if self.cycle_weight:  # one target-encoder pass gives the targets and the cycle's context targets
+            both = self.targets(images, torch.cat([target_idx.reshape(B, M * Kt), context_idx], dim=1))
+            target, context_target = both[:, :M * Kt].reshape(B, M, Kt, -1), both[:, M * Kt:]  # (B, Kc, D)
+        else:
+            target = self.targets(images, target_idx)  # (B, M, Kt, D)
+        context = self.context(images, context_idx)  # (B, Kc, D)
+        pred = self.predictor(context, context_idx, target_idx)  # (B, M, Kt, D)
+        prediction = self.prediction_loss(pred, target)
+        loss, info = prediction, {"loss_prediction": prediction.detach()}
+        if self.vicreg_weight:
+            variance, covariance = vicreg_terms(context.mean(1))  # (B, D) pooled per image
+            loss = loss + self.vicreg_weight * (variance + VICREG_COVARIANCE_RATIO * covariance)
+            info.update(vicreg_variance=variance.detach(), vicreg_covariance=covariance.detach())
+        if self.cycle_weight:  # the M*Kt predictions as the context, the context patches as one target group
+            back = self.predictor(pred.reshape(B, M * Kt, -1), target_idx.reshape(B, M * Kt), context_idx[:, None])
+            cycle = self.prediction_loss(back[:, 0], context_target)  # (B, Kc, D) both
+            loss = loss + self.cycle_weight * cycle
+            info["loss_cycle"] = cycle.detach()
+        return loss, {"loss": loss.detach(), **info}
 
     @torch.no_grad()
     def update_target(self, momentum):
@@ -503,6 +538,8 @@ class IJEPA(nn.Module):
         kernel (flash attention's backward also recomputes the scores: not counted). Recomputation under
         grad checkpointing is not counted: MFU counts the model's FLOPs, not the GPU's."""
         enc, pred = self.encoder.cfg, self.predictor.cfg
+        if not isinstance(enc, ViTConfig) or not isinstance(pred, PredictorConfig):
+            return None  # the ResNet encoder and the MLP predictor: the formula does not describe them
         context_tokens = context_idx.shape[1]
         encoder_tokens = context_tokens if context_sizes is None else context_sizes[0]
         _, num_targets, target_tokens = target_idx.shape
@@ -580,6 +617,9 @@ class PyramidIJEPA(IJEPA):
 
     def __init__(self, encoder_cfg: ViTConfig, predictor_cfg: PredictorConfig, loss="smooth_l1",
                  level_weights=None, predict_per="block"):
+        if not isinstance(predictor_cfg, PredictorConfig):
+            raise ValueError("PI-JEPA needs the transformer predictor (it embeds pyramid levels), not "
+                             f"{type(predictor_cfg).__name__}; drop --predictor mlp")
         super().__init__(encoder_cfg, predictor_cfg, loss)
         levels = predictor_cfg.levels
         if predictor_cfg.grid_size != encoder_cfg.grid_size:
@@ -641,6 +681,313 @@ class PyramidIJEPA(IJEPA):
         return loss, {"loss": loss.detach(), **info}
 
 # ----------------------------------------------------------------------------------------------------
+# Alternatives to the ViT recipe: a ResNet encoder, an MLP predictor, the VICReg terms
+#
+# Each is chosen by one flag of train_ijepa.py (--encoder resnet, --predictor mlp, --vicreg-weight) and
+# keeps the interface of what it replaces: ResNetEncoder(images, keep) -> (B, K, D) tokens on the ViT's
+# G x G patch grid, MLPPredictor(context, context_idx, target_idx) -> (B, M, Kt, D). Their configs carry a
+# `kind` field, so config.json tells load_encoder / load_predictor which class to rebuild.
+
+
+@dataclass
+class ResNetConfig:
+    kind: str = "resnet"  # what config.json readers dispatch on (ViTConfig has no kind: the default)
+    img_size: int = 32
+    patch_size: int = 4  # the network's total stride: its last feature map is the (img / patch)^2 token grid
+    in_chans: int = 3
+    layers: tuple = (2, 2, 2, 2)  # BasicBlocks per stage: ResNet-18; (3, 4, 6, 3) is ResNet-34
+    width: int = 64  # the first stage's channels; stage s has width * 2^s, the tokens width * 2^(stages-1)
+    stem: str = "cifar"  # "cifar": one 3x3 stride-1 conv; "imagenet": torchvision's 7x7 stride 2 + 3x3 max pool
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        self.layers = tuple(self.layers)  # a list when read back from config.json
+        if self.kind != "resnet":
+            raise ValueError(f"ResNetConfig.kind must be 'resnet', got {self.kind!r}")
+        if self.stem not in RESNET_STEM_STRIDE:
+            raise ValueError(f"unknown ResNet stem {self.stem!r}; use one of {', '.join(RESNET_STEM_STRIDE)}")
+        if not self.layers or any(not isinstance(n, int) or n < 1 for n in self.layers):
+            raise ValueError(f"ResNet layers must be positive block counts per stage, got {self.layers}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}; "
+                             "choose an image size that is a multiple of the patch size")
+        resnet_stage_strides(self)  # refuses a patch size the stem and stages cannot reach
+
+    @property
+    def grid_size(self):
+        return self.img_size // self.patch_size
+
+    @property
+    def embed_dim(self):
+        return self.width * 2 ** (len(self.layers) - 1)
+
+    @property
+    def depth(self):
+        return len(self.layers)
+
+
+RESNET_STEM_STRIDE = {"cifar": 1, "imagenet": 4}
+
+
+def resnet_config(img_size, patch_size, stem=None, **overrides):
+    """A ResNet-18 config whose token grid is the ViT's: the CIFAR stem up to 32 px, torchvision's above."""
+    stem = stem or ("cifar" if img_size <= 32 else "imagenet")
+    return ResNetConfig(img_size=img_size, patch_size=patch_size, stem=stem,
+                        **{k: v for k, v in overrides.items() if v is not None})
+
+
+def resnet_stage_strides(cfg):
+    """(stride, dilation) of each stage so that stem stride x stage strides = patch_size. As in torchvision,
+    stage 0 keeps the resolution and each later stage halves it, until the patch size is reached; the
+    remaining stages keep the resolution and dilate their convolutions instead (torchvision's
+    replace_stride_with_dilation), so their receptive fields still grow."""
+    stride = RESNET_STEM_STRIDE[cfg.stem]
+    halvings = math.log2(cfg.patch_size / stride) if cfg.patch_size >= stride else -1
+    if halvings != int(halvings) or not 0 <= halvings <= len(cfg.layers) - 1:
+        reachable = [stride * 2**k for k in range(len(cfg.layers))]
+        raise ValueError(f"a ResNet with the {cfg.stem} stem reaches patch sizes {reachable}, not {cfg.patch_size}; "
+                         f"choose one of those --patch-size values (or the other --resnet-stem)")
+    plan, dilation = [(1, 1)], 1
+    for stage in range(1, len(cfg.layers)):
+        if stage <= halvings:
+            plan.append((2, dilation))
+        else:
+            dilation *= 2
+            plan.append((1, dilation))
+    return plan
+
+
+def group_norm(channels, eps):
+    """GroupNorm with 32 groups (Wu & He 2018), fewer when the channels do not divide into 32."""
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=eps)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock (same parameter names), with GroupNorm and optional dilation."""
+
+    def __init__(self, inplanes, planes, stride, dilation, eps, first_dilation=None):
+        super().__init__()
+        first = first_dilation or dilation
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=first, dilation=first, bias=False)
+        self.bn1 = group_norm(planes, eps)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = group_norm(planes, eps)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), group_norm(planes, eps))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class ResNetEncoder(nn.Module):
+    """A ResNet whose last feature map is the token grid of the ViT with the same image and patch size.
+
+    Parameter names are torchvision's (`conv1`, `bn1`, `layer1.0.conv1`, ..., `layer4.1.downsample.0`); the
+    `bn*` modules hold GroupNorm. With the imagenet stem and patch 32 it is torchvision's resnet18 up to
+    layer4 (tests/test_resnet.py checks this with the same weights); smaller patch sizes dilate the last
+    stages instead of striding, so the final map has G x G cells, and a LayerNorm over the channels (`norm`,
+    like the ViT's final norm) makes each cell a token: (B, G*G, embed_dim). Token (r, c) is output cell
+    (r, c); as in any torchvision ResNet, its receptive field is centred up to half a patch above and left
+    of the patch centre (3x3 stride-2 convolutions with padding 1), and GroupNorm's per-image statistics
+    let every token depend a little on the whole visible image.
+
+    Masking (`keep`): a convolution cannot skip patches, so every pixel of a patch not in `keep` is set to 0
+    (the dataset mean after normalisation) before the network runs, and the tokens at `keep` are returned.
+    A kept token's receptive field covers neighbouring hidden patches, but it reads zeros there whatever
+    the hidden pixels are: the context never sees a hidden patch. The price is that the context costs a
+    full-image forward (no token dropping, unlike the ViT).
+
+    Why GroupNorm and not BatchNorm: BatchNorm in training mode normalises each sample with statistics of
+    the whole batch, so one image's context features would depend on the other images (a channel for
+    information between samples, and the masked context and full-image target would be normalised with
+    different statistics); its running statistics are buffers, which the EMA target (a parameter lerp)
+    would never update; and eval-mode BatchNorm at training time normalises with statistics nothing
+    estimates. GroupNorm normalises each sample on its own, identically in training and evaluation.
+    """
+
+    def __init__(self, cfg: ResNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_dim = cfg.embed_dim
+        eps = cfg.layer_norm_eps
+        if cfg.stem == "cifar":
+            self.conv1 = nn.Conv2d(cfg.in_chans, cfg.width, 3, 1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(cfg.in_chans, cfg.width, 7, 2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, padding=1)
+        self.bn1 = group_norm(cfg.width, eps)
+        self.relu = nn.ReLU(inplace=True)
+        stages, inplanes, dilation = [], cfg.width, 1
+        for index, (blocks, (stride, new_dilation)) in enumerate(zip(cfg.layers, resnet_stage_strides(cfg))):
+            planes = cfg.width * 2**index
+            layer = [BasicBlock(inplanes, planes, stride, new_dilation, eps, first_dilation=dilation)]
+            layer += [BasicBlock(planes, planes, 1, new_dilation, eps) for _ in range(blocks - 1)]
+            stages.append(nn.Sequential(*layer))
+            self.add_module(f"layer{index + 1}", stages[-1])  # torchvision's names: layer1 ... layer4
+            inplanes, dilation = planes, new_dilation
+        self.stages = stages  # a plain list: the modules are registered once, under their layerN names
+        self.norm = nn.LayerNorm(self.embed_dim, eps=eps)
+        self.grad_checkpointing = False
+        self.init_weights()
+
+    def init_weights(self):
+        """torchvision's default init: Kaiming-normal fan-out convolutions, unit-weight zero-bias norms."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def blocks(self):
+        """The stages, for code that counts an encoder's depth (len(encoder.blocks))."""
+        return self.stages
+
+    def hide(self, images, keep):
+        """images (B, C, H, W) with every pixel of the patches not in keep (B, K) set to 0."""
+        B, _, H, W = images.shape
+        p = self.cfg.patch_size
+        visible = torch.zeros(B, (H // p) * (W // p), dtype=torch.bool, device=images.device)
+        visible.scatter_(1, keep, True)
+        visible = visible.reshape(B, 1, H // p, W // p).repeat_interleave(p, 2).repeat_interleave(p, 3)
+        return torch.where(visible, images, torch.zeros((), dtype=images.dtype, device=images.device))
+
+    def forward_map(self, images):
+        """(B, C, H, W) -> (B, embed_dim, H / patch, W / patch), before the token LayerNorm."""
+        p = self.cfg.patch_size
+        if images.shape[-2] % p or images.shape[-1] % p:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by the patch size {p}")
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        return run_blocks(self.stages, x, self.grad_checkpointing)
+
+    def forward(self, images, keep=None):
+        """(B, N, D) tokens of the whole image, or (B, K, D) at keep (B, K) with every other patch hidden."""
+        if keep is not None:
+            images = self.hide(images, keep)
+        x = self.norm(self.forward_map(images).flatten(2).transpose(1, 2))  # (B, N, D)
+        return x if keep is None else gather_tokens(x, keep)
+
+    def forward_intermediates(self, images, indices, keep=None, norm=True):
+        """Only the last stage's tokens (index -1): the earlier stages have other widths and grids."""
+        depth = len(self.stages)
+        if any(i % depth != depth - 1 or not -depth <= i < depth for i in indices):
+            raise ValueError(f"a ResNet encoder gives only its last stage's tokens (index -1), not {list(indices)}; "
+                             "use a ViT for multi-layer features (--pool last4, hierarchical heads)")
+        if not norm:
+            raise ValueError("a ResNet encoder's tokens are its final map through `norm`; pass norm=True")
+        return [self(images, keep) for _ in indices]
+
+
+@dataclass
+class MLPPredictorConfig:
+    kind: str = "mlp"  # what config.json readers dispatch on (PredictorConfig has no kind: the default)
+    embed_dim: int = 192  # the encoder's width: what the predictor reads and predicts
+    pred_dim: int = 96
+    depth: int = 6  # residual MLP blocks
+    mlp_ratio: float = 4.0
+    grid_size: int = 8
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.kind != "mlp":
+            raise ValueError(f"MLPPredictorConfig.kind must be 'mlp', got {self.kind!r}")
+
+    @classmethod
+    def for_encoder(cls, encoder, pred_dim=None, **fields):
+        """The MLP predictor that fits `encoder` (its width and grid; width min(384, D / 2) unless given)."""
+        return cls(embed_dim=encoder.embed_dim, grid_size=encoder.grid_size,
+                   pred_dim=pred_dim or min(384, encoder.embed_dim // 2), **fields)
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self, dim, hidden, eps):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, hidden)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class MLPPredictor(nn.Module):
+    """A cheap baseline for the transformer predictor: each target token is predicted on its own from the
+    pooled context and its position, with no attention.
+
+        pooled = mean_k (predictor_embed(context_k) + pos(context_idx_k))    (B, P)
+        x      = pooled + pos(target)                                          (B, M, Kt, P)
+        pred   = predictor_proj(predictor_norm(residual MLP blocks(x)))        (B, M, Kt, D)
+
+    pos is the fixed sine-cosine embedding of the patch grid (as in Predictor), so the pooled context still
+    knows which patches it saw. Same call as Predictor: (context, context_idx, target_idx)."""
+
+    def __init__(self, cfg: MLPPredictorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.predictor_embed = nn.Linear(cfg.embed_dim, cfg.pred_dim)
+        self.register_buffer("predictor_pos_embed", sincos_grid_embed(cfg.pred_dim, cfg.grid_size)[None])
+        self.predictor_blocks = nn.ModuleList(ResidualMLP(cfg.pred_dim, int(cfg.pred_dim * cfg.mlp_ratio),
+                                                          cfg.layer_norm_eps) for _ in range(cfg.depth))
+        self.predictor_norm = nn.LayerNorm(cfg.pred_dim, eps=cfg.layer_norm_eps)
+        self.predictor_proj = nn.Linear(cfg.pred_dim, cfg.embed_dim)
+        self.grad_checkpointing = False
+        init_transformer_weights(self, blocks=[])
+        with torch.no_grad():  # the same depth rescaling of the residual outputs as the transformer's
+            for layer_id, block in enumerate(self.predictor_blocks, start=1):
+                block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+    def forward(self, context, context_idx, target_idx):
+        """context (B, Kc, D) at patches context_idx (B, Kc); target_idx (B, M, Kt) -> (B, M, Kt, D)."""
+        B, M, Kt = target_idx.shape
+        table = self.predictor_pos_embed[0]
+        pooled = (self.predictor_embed(context) + table[context_idx].to(context.dtype)).mean(1)  # (B, P)
+        x = pooled[:, None] + table[target_idx.reshape(B, M * Kt)].to(pooled.dtype)  # (B, M*Kt, P)
+        x = run_blocks(self.predictor_blocks, x, self.grad_checkpointing)
+        return self.predictor_proj(self.predictor_norm(x)).reshape(B, M, Kt, -1)
+
+
+def make_encoder(cfg):
+    """The encoder a config describes: ResNetEncoder for a ResNetConfig, else the ViT."""
+    if isinstance(cfg, ResNetConfig):
+        return ResNetEncoder(cfg)
+    return VisionTransformer(cfg)
+
+
+def make_predictor(cfg):
+    """The predictor a config describes: MLPPredictor for an MLPPredictorConfig, else the transformer."""
+    if isinstance(cfg, MLPPredictorConfig):
+        return MLPPredictor(cfg)
+    return Predictor(cfg)
+
+
+VICREG_COVARIANCE_RATIO = 1 / 25  # VICReg's covariance weight over its variance weight (nu = 1, mu = 25)
+
+
+def vicreg_terms(features, eps=1e-4):
+    """VICReg's variance and covariance terms (Bardes et al. 2022) of (N, D) features, computed in float32:
+
+        variance   = mean_d max(0, 1 - sqrt(Var(x_d) + eps))      hinge on each dimension's std
+        covariance = sum_{i != j} C_ij^2 / D                      C: the (D, D) covariance matrix
+
+    Both are 0 for whitened features (unit variances, no correlations); collapsed features (one shared
+    direction) make both positive."""
+    N, D = features.shape
+    if N < 2:
+        raise ValueError(f"the VICReg terms need at least 2 samples to estimate a variance, got {N}")
+    x = features.float()
+    x = x - x.mean(0)
+    variance = F.relu(1.0 - torch.sqrt(x.var(0) + eps)).mean()
+    cov = x.T @ x / (N - 1)  # (D, D)
+    covariance = (cov.square().sum() - cov.diagonal().square().sum()) / D
+    return variance, covariance
+
+
+# ----------------------------------------------------------------------------------------------------
 # Loading: the one-call loaders (the file formats they read, official checkpoints and export: checkpoints.py)
 
 
@@ -675,7 +1022,7 @@ def load_encoder(path, which="target", config=None):
     checkpoints.check_checkpoint_path(path, config)
     if checkpoints.is_official_checkpoint(path):
         return checkpoints.load_official_encoder(path, which, config)
-    encoder = VisionTransformer(checkpoints.encoder_config_of(checkpoints.read_run_config(path)))
+    encoder = make_encoder(checkpoints.encoder_config_of(checkpoints.read_run_config(path)))
     prefix = "target_encoder." if which == "target" else "encoder."
     return load_state_strict(encoder, split_state(checkpoints.read_weights(path), prefix), "encoder").eval()
 
@@ -687,7 +1034,7 @@ def load_predictor(path, config=None):
     checkpoints.check_checkpoint_path(path, config)
     if checkpoints.is_official_checkpoint(path):
         return checkpoints.load_official_predictor(path, config)
-    predictor = Predictor(config_from_dict(PredictorConfig, checkpoints.read_run_config(path).get("predictor")))
+    predictor = make_predictor(checkpoints.predictor_config_of(checkpoints.read_run_config(path)))
     return load_state_strict(predictor, split_state(checkpoints.read_weights(path), "predictor."), "predictor").eval()
 
 

@@ -51,7 +51,7 @@ from data import (class_balanced_subset, ColourJitter, eval_transform, InMemoryB
 from masks import MultiBlockMaskSampler
 from checkpoints import is_official_checkpoint, official_yaml_beside
 from models import (gather_tokens, HeadConfig, HierarchicalHead, layer_features, load_encoder, load_predictor,
-                    pooled_layer_features, token_statistics)
+                    pooled_layer_features, token_statistics, VisionTransformer)
 from run import Run
 from settings import add_dataset_arguments, add_run_arguments, non_negative_float, parse_settings, positive_int
 
@@ -174,6 +174,9 @@ def load_backbone(args):
         predictor = load_predictor(path, yaml_path) if args.jepa_weight else None
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"--backbone: {e}") from None
+    if not isinstance(encoder, VisionTransformer):  # the head reads several depths of one token width
+        raise UserError(f"--backbone {path} is a {type(encoder).__name__}, which gives one layer of tokens; the "
+                        "hierarchical head needs a ViT backbone")
     depth = encoder.cfg.depth
     bad = [i for i in args.layers if not -depth <= i < depth]
     if bad:

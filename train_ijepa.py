@@ -25,8 +25,8 @@ from common import (ArgumentParser, as_user_error, collapse_metrics, cosine_ramp
                     param_groups, set_optimizer_values, warmup_cosine)
 from data import (eval_transform, InMemoryBatches, load_split, MASK_SEED_OFFSET, open_stream, Prefetcher,
                   RandomResizedCropFlip, seeded_sample, step_generator, StreamedBatches, UserError)
-from masks import MultiBlockMaskSampler
-from models import IJEPA, PredictorConfig, vit_config
+from masks import MultiBlockMaskSampler, ScheduledMaskSampler
+from models import IJEPA, MLPPredictorConfig, PredictorConfig, resnet_config, vit_config
 from run import check_cuda_graphs, compile_model, Run
 from settings import add_dataset_arguments, add_run_arguments, non_negative_float, parse_settings, positive_int
 
@@ -59,20 +59,36 @@ def build_parser(description=__doc__):
                    help="--stream: decoding processes")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", help="tiny | small | base | large | huge | giant")
+    g.add_argument("--encoder", default="vit", choices=("vit", "resnet"), help="resnet: a ResNet-18 whose last "
+                   "map is the ViT's patch grid; the context is the image with hidden patches zeroed (README)")
+    g.add_argument("--resnet-stem", choices=("cifar", "imagenet"), help="--encoder resnet: the 3x3 CIFAR stem or "
+                   "torchvision's 7x7 stride-2 stem and max pool (default: cifar up to 32 px)")
+    g.add_argument("--resnet-layers", type=positive_int, nargs="+", help="--encoder resnet: blocks per stage "
+                   "(default: 2 2 2 2, ResNet-18)")
+    g.add_argument("--resnet-width", type=positive_int, help="--encoder resnet: first stage's channels (default: 64)")
+    g.add_argument("--model", default="tiny", help="ViT size: tiny | small | base | large | huge | giant")
     g.add_argument("--patch-size", type=positive_int, help="default: 4 for 32 px, 8 for 64 px, else 16")
     g.add_argument("--depth", type=positive_int, help="override the preset's encoder depth")
     g.add_argument("--heads", type=positive_int, help="override the preset's encoder head count")
     g.add_argument("--patch-embed", default="strided", choices=("strided", "conv"))
+    g.add_argument("--predictor", default="transformer", choices=("transformer", "mlp"), help="mlp: each "
+                   "target token from the pooled context and its position, no attention (a cheap baseline)")
     g.add_argument("--pred-dim", type=positive_int, help="predictor width (default: half the encoder's, "
                    "at most 384)")
     g.add_argument("--pred-depth", type=positive_int, default=6)
     g.add_argument("--pred-heads", type=positive_int, help="default: the encoder's head count")
     g.add_argument("--loss", default="smooth_l1", choices=("smooth_l1", "mse"))
+    g.add_argument("--vicreg-weight", type=non_negative_float, default=0.0, help="weight of VICReg's variance "
+                   "and covariance terms on the context encoder's per-image pooled tokens (0: off)")
+    g.add_argument("--cycle-weight", type=non_negative_float, default=0.0, help="weight of the cycle term: the "
+                   "predictor predicts the context back from its own target predictions (0: off)")
 
     g = p.add_argument_group("masks")
     g.add_argument("--num-targets", type=positive_int, default=4)
     g.add_argument("--target-scale", type=float, nargs=2, default=(0.15, 0.2))
+    g.add_argument("--target-scale-schedule", type=float, nargs=2, metavar=("START_MIN", "START_MAX"),
+                   help="start with this target scale range and ramp it linearly to --target-scale by the "
+                   "last step (mask lengths follow it: --compile compiles each new length once)")
     g.add_argument("--target-aspect", type=float, nargs=2, default=(0.75, 1.5))
     g.add_argument("--context-scale", type=float, nargs=2, default=(0.85, 1.0))
     g.add_argument("--min-keep", type=positive_int, default=10)
@@ -119,10 +135,18 @@ def finish_args(args):
                         "pick sizes such that the patch size divides the image size")
     if args.storage_size is None and kind in ("imagefolder", "hf"):
         args.storage_size = args.image_size if args.image_size <= 64 else round(args.image_size * 8 / 7)
-    for name in ("crop_scale", "target_scale", "context_scale"):
+    for name in ("crop_scale", "target_scale", "context_scale", "target_scale_schedule"):
+        if getattr(args, name) is None:
+            continue
         low, high = getattr(args, name)
         if not 0 < low <= high <= 1:
             raise UserError(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {low} {high}")
+    if args.encoder == "resnet" and (args.depth or args.heads or args.patch_embed != "strided"):
+        raise UserError("--depth, --heads and --patch-embed set the ViT; --encoder resnet is a ResNet-18: drop them")
+    if args.encoder == "vit" and (args.resnet_stem or args.resnet_layers or args.resnet_width):
+        raise UserError("--resnet-stem, --resnet-layers and --resnet-width set the ResNet: add --encoder resnet")
+    if args.vicreg_weight and args.batch_size < 2:
+        raise UserError("--vicreg-weight needs --batch-size >= 2: its variance is measured across the batch")
     if not 0 <= args.ema[0] <= args.ema[1] <= 1:
         raise UserError(f"--ema must satisfy 0 <= start <= end <= 1, got {args.ema[0]} {args.ema[1]}")
     # AdamW's step computes lr / (1 - beta1^t) and lr * weight decay in float32: beyond this they overflow.
@@ -136,18 +160,24 @@ def finish_args(args):
 
 
 def encoder_config(args):
+    if args.encoder == "resnet":
+        return as_user_error(resnet_config, args.image_size, args.patch_size, stem=args.resnet_stem,
+                             layers=args.resnet_layers and tuple(args.resnet_layers), width=args.resnet_width)
     return as_user_error(vit_config, args.model, img_size=args.image_size, patch_size=args.patch_size,
                          depth=args.depth, num_heads=args.heads, patch_embed=args.patch_embed)
 
 
 def predictor_config(args, encoder_cfg, levels=1):
+    if args.predictor == "mlp":
+        return as_user_error(MLPPredictorConfig.for_encoder, encoder_cfg, pred_dim=args.pred_dim, depth=args.pred_depth)
     return as_user_error(PredictorConfig.for_encoder, encoder_cfg, pred_dim=args.pred_dim, num_heads=args.pred_heads,
                          depth=args.pred_depth, levels=levels)
 
 
 def build_model(args):
     encoder_cfg = encoder_config(args)
-    return IJEPA(encoder_cfg, predictor_config(args, encoder_cfg), loss=args.loss)
+    return IJEPA(encoder_cfg, predictor_config(args, encoder_cfg), loss=args.loss, vicreg_weight=args.vicreg_weight,
+                 cycle_weight=args.cycle_weight)
 
 
 def build_mask_sampler(args, grid_size):
@@ -204,10 +234,18 @@ def train(args, model, sampler, script="train_ijepa"):
         raise UserError(f"{len(loader)} batches per epoch cannot make one step of --grad-accum {args.grad_accum}")
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
+    sampler_at = lambda step: sampler  # the mask settings of a step
+    if args.target_scale_schedule:  # a pure function of the step, like the other schedules: resume is exact
+        sampler_at = as_user_error(ScheduledMaskSampler, sampler, args.target_scale_schedule, total_steps).at
     # Mask settings that leave too little context fail in the sampler's redraws: here, not mid-run.
-    as_user_error(sampler.sample, args.batch_size, step_generator(args.seed + MASK_SEED_OFFSET, 0))
+    sampler_at = lambda step: sampler  # the mask settings of a step
+    if args.target_scale_schedule:  # a pure function of the step, like the other schedules: resume is exact
+        sampler_at = as_user_error(ScheduledMaskSampler, sampler, args.target_scale_schedule, total_steps).at
+    for first_or_last in (0, total_steps):
+        as_user_error(lambda: sampler_at(first_or_last).sample(args.batch_size,
+                                                               step_generator(args.seed + MASK_SEED_OFFSET, 0)))
     # Draw k is a pure function of (seed, rank, k): a resumed run sees the masks an uninterrupted one would.
-    mask_stream = Prefetcher(lambda k: sampler.sample(args.batch_size, step_generator(
+    mask_stream = Prefetcher(lambda k: sampler_at(k // args.grad_accum).sample(args.batch_size, step_generator(
         args.seed + MASK_SEED_OFFSET, k, rank)), device)
 
     # -- model and optimiser
@@ -257,6 +295,7 @@ def train(args, model, sampler, script="train_ijepa"):
             record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr, "weight_decay": weight_decay,
                       "momentum": momentum, **run.throughput(raw_model.flops_per_image(**masks.model_inputs())),
                       **{k: float(v) for k, v in info.items()}, **{k: float(v) for k, v in masks.stats().items()}}
+            record["mask_target_scale_min"], record["mask_target_scale_max"] = sampler_at(step - 1).target_scale
             if run.epoch_end(step):
                 record.update(monitor(accelerator, model, monitor_images))
             run.log(record)

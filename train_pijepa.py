@@ -53,6 +53,12 @@ def default_levels(grid_size):
 
 
 def finish_pyramid_args(args):
+    i_jepa_only = [flag for flag, on in (("--predictor mlp", args.predictor == "mlp"),
+                                         ("--vicreg-weight", args.vicreg_weight), ("--cycle-weight", args.cycle_weight),
+                                         ("--target-scale-schedule", args.target_scale_schedule)) if on]
+    if i_jepa_only:
+        raise UserError(f"{', '.join(i_jepa_only)}: I-JEPA options (train_ijepa.py), not implemented for the "
+                        "pyramid; drop them")
     grid = args.image_size // args.patch_size
     args.levels = args.levels or default_levels(grid)
     as_user_error(check_pyramid_levels, grid, args.levels)

@@ -10,7 +10,7 @@ The encoder is rebuilt from the folder alone (config.json + model.safetensors; f
 --features backbone is the frozen backbone its head reads). The dataset, image size and data settings default
 to the run's own; the probe and kNN use the whole train split (--max-per-class to subsample). Writes
 CKPT/eval/results.json (every number, the settings, the checkpoint's step) and CKPT/eval/embeddings.png, and
-prints a short table. Features are extracted once per split and test variant (bf16 on a GPU, fp32 on the CPU)
+prints a short table. Features are extracted once per split and test variant (bf16 on GPUs and AMX CPUs, else fp32)
 and cached in CKPT/eval/ under a hash of the weights files (size, time stamp, step), the config and every
 setting, so a second evaluation skips the encoder (--no-cache: nothing stored). Evaluating the 2-epoch
 `digits` quick-start checkpoint takes about 30 s on a 2-core CPU, 8 s from the cache (t-SNE included).

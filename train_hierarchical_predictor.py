@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from common import (as_user_error, atomic_write_json, check_out_dir, check_same_model, collapse_metrics,
                     exit_on_user_error, latest_checkpoint, linear_ramp, load_checkpoint, MetricsLog, param_groups,
-                    prepare_out_dir, run_bytes_needed, set_optimizer_values, warmup_cosine)
+                    prepare_out_dir, run_bytes_needed, set_optimizer_values, start_trackers, warmup_cosine)
 from data import (class_balanced_subset, ColourJitter, eval_transform, InMemoryBatches, load_split, normalize,
                   RandomResizedCropFlip, seeded_sample, step_generator, UserError)
 from masks import MultiBlockMaskSampler
@@ -371,8 +371,7 @@ def train(args):
         atomic_write_json(os.path.join(args.out, "config.json"), config)
         if train_set.skipped:
             accelerator.print(f"skipped {train_set.skipped} unreadable images (--skip-bad-images)")
-    if args.log_with:
-        accelerator.init_trackers(os.path.basename(os.path.normpath(args.out)), config=vars(args))
+    start_trackers(accelerator, args)
     # Lines past the resumed step are a killed run's stale tail; a fresh start keeps none (it logs step 0 anew).
     metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), main, start_step if start_step else -1)
 

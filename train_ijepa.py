@@ -27,9 +27,10 @@ import torch
 import yaml
 
 from common import (ArgumentParser, as_user_error, atomic_save_safetensors, atomic_write_json, check_out_dir,
-                    check_same_model, collapse_metrics, cosine_ramp, exit_on_user_error, latest_checkpoint,
-                    linear_ramp, load_checkpoint, MetricsLog, one_line, param_groups, prepare_out_dir,
-                    run_bytes_needed, save_checkpoint, set_optimizer_values, warmup_cosine)
+                    check_same_model, check_tracker, collapse_metrics, cosine_ramp, exit_on_user_error,
+                    latest_checkpoint, linear_ramp, load_checkpoint, MetricsLog, one_line, param_groups,
+                    prepare_out_dir, run_bytes_needed, save_checkpoint, set_optimizer_values, start_trackers,
+                    tracker_names, warmup_cosine)
 from data import (eval_transform, InMemoryBatches, load_split, open_stream, Prefetcher, RandomResizedCropFlip,
                   seeded_sample, step_generator, StreamedBatches, UserError)
 from masks import MultiBlockMaskSampler
@@ -154,7 +155,8 @@ def add_run_arguments(parser, default_out):
     g.add_argument("--monitor-size", type=positive_int, default=512, help="held-out images for the "
                    "per-epoch collapse monitor")
     g.add_argument("--max-steps", type=positive_int, help="stop after this many steps (smoke tests)")
-    g.add_argument("--log-with", default=None, choices=("tensorboard",), help="an Accelerate tracker")
+    g.add_argument("--log-with", default=None, choices=tracker_names(), help="an Accelerate tracker "
+                   "(tensorboard and wandb write inside --out; without network: WANDB_MODE=offline)")
     return g
 
 
@@ -163,6 +165,7 @@ def make_accelerator(args, **kwargs):
     for Accelerate to use gloo."""
     from accelerate import Accelerator
 
+    check_tracker(args.log_with)
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(mixed_precision=args.mixed_precision, log_with=args.log_with, project_dir=args.out,
                        cpu=multi_cpu, **kwargs)
@@ -578,8 +581,7 @@ def train(args, model, sampler, script="train_ijepa"):
         atomic_write_json(os.path.join(args.out, "config.json"), config)
         if train_set.skipped:
             accelerator.print(f"skipped {train_set.skipped} unreadable images (--skip-bad-images)")
-    if args.log_with:
-        accelerator.init_trackers(os.path.basename(os.path.normpath(args.out)), config=vars(args))
+    start_trackers(accelerator, args)
     metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), main, start_step)  # drops a stale tail
 
     def schedules(step):

@@ -873,6 +873,53 @@ def replace_file(path, write):
 
 
 # ----------------------------------------------------------------------------------------------------
+# timm: our encoder is timm's VisionTransformer without a class token, parameter names included. Meta's
+# checkpoints load through load_encoder first, so both reach timm the same way.
+
+TIMM_ARCHITECTURES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
+                      1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224", 1408: "vit_giant_patch14_224"}
+
+
+def timm_vit_kwargs(cfg: ViTConfig):
+    """Keyword arguments of timm.models.vision_transformer.VisionTransformer for an encoder of this config:
+    our state_dict loads into it with no missing or unexpected key, its forward_features equals our
+    forward (B, N, D) and its pre-logits the mean of our tokens (global_pool="avg", no fc_norm, so the
+    final LayerNorm is timm's `norm`). num_classes=0: no head; timm's reset_classifier(n) adds one."""
+    problems = [text for bad, text in (
+        (cfg.patch_embed != "strided", "a conv patch stem (timm's patch embedding is one strided convolution)"),
+        (cfg.layer_norm_eps != 1e-6, f"LayerNorm eps {cfg.layer_norm_eps} (timm's ViT uses 1e-6)")) if bad]
+    if problems:
+        raise ValueError(f"timm's VisionTransformer cannot hold this encoder: {'; '.join(problems)}")
+    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
+                depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+                class_token=False, no_embed_class=True, global_pool="avg", fc_norm=False, num_classes=0)
+
+
+def export_timm(source, folder, which="target", config=None):
+    """Write an encoder (a run folder or an official checkpoint, as load_encoder reads them) as a timm
+    model folder: model.safetensors with timm's parameter names and timm's config.json (architecture,
+    model_args, pretrained_cfg with our ImageNet normalisation), which `timm.create_model("local-dir:FOLDER",
+    pretrained=True)` loads, and which timm's hub tools can push as it is."""
+    encoder = load_encoder(source, which, config)
+    kwargs = timm_vit_kwargs(encoder.cfg)
+    architecture = TIMM_ARCHITECTURES.get(encoder.cfg.embed_dim, "vit_base_patch16_224")  # model_args set the rest
+    timm_config = {"architecture": architecture, "num_classes": 0, "num_features": encoder.cfg.embed_dim,
+                   "global_pool": "avg", "model_args": kwargs,
+                   "pretrained_cfg": {"input_size": [encoder.cfg.in_chans, encoder.cfg.img_size, encoder.cfg.img_size],
+                                      "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": 1.0,
+                                      "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                      "num_classes": 0, "classifier": "head"}}
+    from safetensors.torch import save
+
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.contiguous() for k, v in encoder.state_dict().items()}
+    replace_file(os.path.join(folder, "model.safetensors"), lambda f: f.write(save(state)))
+    replace_file(os.path.join(folder, "config.json"),
+                 lambda f: f.write((json.dumps(timm_config, indent=2) + "\n").encode()))
+    return kwargs
+
+
+# ----------------------------------------------------------------------------------------------------
 # Hierarchical head (train_hierarchical_predictor.py): a small head on a frozen backbone's features from
 # several depths. Each depth's tokens are mean-pooled (or kept per token), the depths are combined by a
 # learned weighted sum or by concatenation and a projection, then the study's head maps
@@ -999,6 +1046,7 @@ def load_hierarchical_head(folder):
 
 # ----------------------------------------------------------------------------------------------------
 # Command line: python models.py export-official OUT_FOLDER FILE.pth.tar
+#               python models.py export-timm OUT_FOLDER_OR_CHECKPOINT TIMM_FOLDER
 
 
 def main(argv=None):
@@ -1011,13 +1059,25 @@ def main(argv=None):
                                  "(FILE.pth.tar) with its yaml beside it (FILE.yaml)")
     export.add_argument("folder", help="a run folder (config.json + model.safetensors)")
     export.add_argument("file", help="the .pth.tar file to write")
+    to_timm = commands.add_parser("export-timm", help="write an encoder as a timm model folder (model.safetensors "
+                                  "+ config.json) for timm.create_model('local-dir:FOLDER', pretrained=True)")
+    to_timm.add_argument("source", help="a run folder, or an official I-JEPA .pth.tar checkpoint")
+    to_timm.add_argument("folder", help="the timm folder to write")
+    to_timm.add_argument("--encoder", default="target", choices=("target", "context"))
+    to_timm.add_argument("--config", help="an official checkpoint's yaml (default: the one beside it)")
     args = parser.parse_args(argv)
     try:
-        yaml_path = export_official(args.folder, args.file)
+        if args.command == "export-official":
+            yaml_path = export_official(args.folder, args.file)
+            print(f"wrote {args.file} and {yaml_path}")
+        else:
+            kwargs = export_timm(args.source, args.folder, args.encoder, args.config)
+            print(f"wrote {args.folder}/model.safetensors and {args.folder}/config.json; in Python: "
+                  f"timm.create_model('local-dir:{args.folder}', pretrained=True), or "
+                  f"VisionTransformer(**{kwargs}) and load_state_dict of the safetensors file")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {args.file} and {yaml_path}")
 
 
 if __name__ == "__main__":

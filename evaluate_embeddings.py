@@ -4,7 +4,7 @@
     python evaluate_embeddings.py --ckpt out/c10 --encoder context --pool last4
     python evaluate_embeddings.py --ckpt out/c10 --dataset imagefolder:data/my_images --no-tsne
     python evaluate_embeddings.py --ckpt out/h --features head        # the hierarchical head's features
-    python evaluate_embeddings.py --compare out/a out/b              # one table across runs + accuracy bars
+    python evaluate_embeddings.py --compare out/a out/b              # one table across runs + accuracy and retention bars
 
 The encoder is rebuilt from the folder alone (config.json + model.safetensors; for a hierarchical-head run,
 --features backbone is the frozen backbone its head reads). The dataset, image size and data settings default
@@ -59,6 +59,7 @@ import models
 from common import (ArgumentParser, atomic_save_safetensors, atomic_write_json, collapse_metrics,
                     exit_on_user_error)
 from data import class_balanced_subset, eval_transform, holdout_split, load_split, UserError
+from plots import compare_bars, write_curves
 from train_ijepa import non_negative_float, positive_int
 
 CACHE_VERSION = 1
@@ -74,7 +75,7 @@ def build_parser():
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--ckpt", help="a training run's --out folder (config.json + model.safetensors)")
     what.add_argument("--compare", nargs="+", metavar="RUN", help="run folders (or results.json files) "
-                      "already evaluated: print one table and draw accuracy bars")
+                      "already evaluated: print one table and draw accuracy and retention bars")
 
     g = p.add_argument_group("data (default: the run's own settings)")
     g.add_argument("--dataset", help="digits | cifar10 | cifar100 | imagefolder:<dir|tar> | "
@@ -458,27 +459,6 @@ def plot_embeddings(features, labels, classes, path, seed=0, samples=2000, max_c
     plt.close(fig)
 
 
-def plot_compare(names, results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    probe = [100 * r["linear_probe"]["top1"] for r in results]
-    knn = [100 * r["knn"]["top1"] for r in results]
-    at = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(names) + 2), 4))
-    ax.bar(at - 0.2, probe, 0.4, label="linear probe")
-    ax.bar(at + 0.2, knn, 0.4, label=f"kNN (k={results[0]['knn']['k']})")
-    ax.set_xticks(at, names, rotation=20, ha="right")
-    ax.set_ylabel("test top-1 (%)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -640,6 +620,9 @@ def run_evaluation(args):
     plot_path = os.path.join(eval_dir, "embeddings.png")
     plot_embeddings(test_features, test.labels, test.classes, plot_path, args.seed, args.tsne_samples,
                     args.plot_classes, args.tsne)
+    plots = {"embeddings": os.path.relpath(plot_path, args.ckpt)}
+    if os.path.isfile(os.path.join(args.ckpt, "metrics.jsonl")):  # a training run's curves, beside its numbers
+        plots["curves"] = os.path.relpath(write_curves(args.ckpt, os.path.join(eval_dir, "curves.png")), args.ckpt)
     numbers["timings"]["plots_s"] = time.perf_counter() - start_plot
     numbers["timings"]["total_s"] = time.perf_counter() - start
     results = {
@@ -650,11 +633,12 @@ def run_evaluation(args):
                      "val_fraction": args.val_fraction, "scales": list(args.scales), "device": str(device),
                      "train_images": len(train), "test_images": len(test), "classes": test.classes},
         **numbers,
-        "plots": {"embeddings": os.path.relpath(plot_path, args.ckpt)},
+        "plots": plots,
     }
     atomic_write_json(os.path.join(eval_dir, "results.json"), results)
     print(summary_table(results))
-    print(f"wrote {os.path.join(eval_dir, 'results.json')} and {plot_path}")
+    written = [os.path.join(args.ckpt, path) for path in (os.path.join(EVAL_DIR, "results.json"), *plots.values())]
+    print(f"wrote {', '.join(written)}")
     return results
 
 
@@ -713,7 +697,7 @@ def compare(paths, plot_path):
         rows.append([name, r["checkpoint"]["step"], percent(r["linear_probe"]["top1"]), percent(r["knn"]["top1"]),
                      *scale, f"{r['collapse']['rankme']:.1f}"])
     print(format_table(header, rows))
-    plot_compare(names, results, plot_path)
+    compare_bars(names, results, plot_path)
     print(f"wrote {plot_path}")
     return rows
 

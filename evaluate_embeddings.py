@@ -58,7 +58,7 @@ import torch.nn.functional as F
 import models
 from common import (ArgumentParser, atomic_save_safetensors, atomic_write_json, collapse_metrics,
                     exit_on_user_error)
-from data import class_balanced_subset, eval_transform, holdout_split, load_split, UserError
+from data import class_balanced_subset, eval_transform, holdout_split, load_split, progress, UserError
 from plots import compare_bars, write_curves
 from train_ijepa import non_negative_float, positive_int
 
@@ -272,10 +272,10 @@ def autocast(device):
 
 
 @torch.no_grad()
-def extract(feature_fn, images, transform, batch_size, device):
+def extract(feature_fn, images, transform, batch_size, device, desc="features"):
     """uint8 images (N, 3, S, S) -> dict of (N, ...) float32 CPU tensors, one batch at a time."""
     parts = []
-    for chunk in images.split(batch_size):
+    for chunk in progress(images.split(batch_size), desc, unit="batch"):
         with autocast(device):
             out = feature_fn(transform(chunk.to(device, non_blocking=True)))
         parts.append({k: v.float().cpu() for k, v in out.items()})
@@ -394,7 +394,7 @@ def train_probe(features, labels, num_classes, weight_decays, val_fraction=0.1, 
     fit = PROBES[method]
     fit_idx, val_idx = (i.to(features.device) for i in holdout_split(labels.cpu(), val_fraction, seed))
     val_top1 = {}
-    for wd in weight_decays:
+    for wd in progress(weight_decays, "linear probe, weight decays", unit="fit"):
         probe = fit(features[fit_idx], labels[fit_idx], num_classes, wd, iters)
         val_top1[wd] = probe.accuracy(features[val_idx], labels[val_idx])
     best = max(weight_decays, key=val_top1.get)  # the first maximum: the strongest decay among ties
@@ -520,7 +520,7 @@ class FeatureSource:
         key = dict(self.key, split=split, variant=variant.name, data_fingerprint=data_fingerprint(data))
         transform = lambda x: variant.transform(x, self.image_size, self.patch)
         compute = lambda: extract(self.feature_fn(split, variant), data.images, transform, self.args.batch_size,
-                                  self.device)
+                                  self.device, f"features {split} {variant.name}")
         with timed(self.timings, "features_s"):
             tensors, self.hits[f"{split}/{variant.name}"] = cached(self.eval_dir, key, compute, self.args.cache)
         return {k: v.to(self.device) for k, v in tensors.items()}

@@ -91,8 +91,13 @@ def start_trackers(accelerator, args):
     if not args.log_with:
         return
     config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-    accelerator.init_trackers(os.path.basename(os.path.normpath(args.out)), config=config,
-                              init_kwargs={"wandb": {"dir": args.out}})
+    try:
+        accelerator.init_trackers(os.path.basename(os.path.normpath(args.out)), config=config,
+                                  init_kwargs={"wandb": {"dir": args.out}})
+    except Exception as e:  # each tracker raises its own types (wandb: UsageError for a missing login)
+        hint = ("; without an account or network, run with WANDB_MODE=offline (then wandb sync OUT/wandb/offline-run-*)"
+                if args.log_with == "wandb" else "; check its settings, or run without --log-with")
+        raise UserError(f"--log-with {args.log_with} could not start ({type(e).__name__}: {one_line(e)}){hint}") from e
 
 
 # ----------------------------------------------------------------------------------------------------

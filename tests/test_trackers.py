@@ -54,3 +54,29 @@ def test_tensorboard_run_writes_event_files_with_the_logged_scalars(tmp_path):
         accumulator.Reload()
         scalars |= set(accumulator.Tags()["scalars"])
     assert {"loss", "lr", "momentum", "monitor_rankme"} <= scalars
+
+
+class RefusingAccelerator:
+    """Stands in for an Accelerator whose tracker fails to start, as wandb does without a login."""
+
+    def init_trackers(self, name, config=None, init_kwargs=None):
+        self.seen = (name, config, init_kwargs)
+        raise RuntimeError("No API key configured.\nUse `wandb login` to log in.")
+
+
+def test_a_tracker_that_cannot_start_is_one_line_with_the_offline_hint(tmp_path):
+    from argparse import Namespace
+
+    from common import start_trackers
+
+    accelerator = RefusingAccelerator()
+    args = Namespace(log_with="wandb", out=str(tmp_path / "run"), crop_scale=(0.3, 1.0), depth=None, lr=1e-3)
+    with pytest.raises(UserError) as error:
+        start_trackers(accelerator, args)
+    message = str(error.value)
+    assert "\n" not in message and "No API key configured" in message and "WANDB_MODE=offline" in message
+    name, config, init_kwargs = accelerator.seen
+    assert name == "run" and init_kwargs == {"wandb": {"dir": str(tmp_path / "run")}}
+    assert config == {"log_with": "wandb", "out": str(tmp_path / "run"), "crop_scale": "(0.3, 1.0)",
+                      "depth": "None", "lr": 1e-3}  # tensorboard's hparams take numbers, strings and bools only
+    start_trackers(accelerator, Namespace(log_with=None))  # no tracker: nothing to start

@@ -4,7 +4,7 @@
     python evaluate_embeddings.py --ckpt out/c10 --encoder context --pool last4
     python evaluate_embeddings.py --ckpt out/c10 --dataset imagefolder:data/my_images --no-tsne
     python evaluate_embeddings.py --ckpt out/h --features head        # the hierarchical head's features
-    python evaluate_embeddings.py --compare out/a out/b              # one table across runs + accuracy and retention bars
+    python evaluate_embeddings.py --compare out/a out/b              # one table + accuracy, retention bars
 
 The encoder is rebuilt from the folder alone (config.json + model.safetensors; for a hierarchical-head run,
 --features backbone is the frozen backbone its head reads). The dataset, image size and data settings default

@@ -1,13 +1,13 @@
 """Pictures: what the masks hide, a run's curves, and accuracy/retention bars across runs.
 
-    python plots.py masks --out docs/masks_digits.png                   # digits, offline: I-JEPA + every PI-JEPA strategy
-    python plots.py masks --dataset cifar10 --out docs/masks_cifar10.png
+    python plots.py masks --image-size 64 --out docs/masks_digits.png   # digits, offline
+    python plots.py masks --dataset cifar10 --image-size 64 --out docs/masks_cifar10.png
     python plots.py curves --run out/demo                               # writes out/demo/curves.png
 
 `masks` draws one image under I-JEPA's masks and under each PI-JEPA strategy (one row each), every pyramid
 level side by side (one column each): the context the predictor gets in blue, each target block in its own
-warm colour, what neither sees darkened. Strategies that share the fine draw (full_downsampling, coarse_only,
-fine_only) use the same seed, so their rows differ only by the strategy. `curves` plots metrics.jsonl: loss
+warm colour, what neither sees darkened (every row samples from the same seed; the samplers consume it
+differently, so the blocks differ from row to row). `curves` plots metrics.jsonl: loss
 (and the per-level losses of PI-JEPA), learning rate, weight decay and EMA momentum per step, the collapse
 monitor (RankMe, feature std) per epoch. evaluate_embeddings.py --compare draws its bars with `compare_bars`.
 """
@@ -282,7 +282,8 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     m = commands.add_parser("masks", help="masks over a real image: I-JEPA and each PI-JEPA strategy, every level")
-    m.add_argument("--dataset", default="digits", help="digits (offline) | cifar10 | cifar100 | imagefolder:<dir> | ...")
+    m.add_argument("--dataset", default="digits", help="digits (offline) | cifar10 | cifar100 | imagefolder:<dir> "
+                   "| ... (as the training scripts)")
     m.add_argument("--data-root", default="data")
     m.add_argument("--image-size", type=int, default=32)
     m.add_argument("--patch-size", type=int, default=4)

@@ -898,8 +898,9 @@ def timm_vit_kwargs(cfg: ViTConfig):
 def export_timm(source, folder, which="target", config=None):
     """Write an encoder (a run folder or an official checkpoint, as load_encoder reads them) as a timm
     model folder: model.safetensors with timm's parameter names and timm's config.json (architecture,
-    model_args, pretrained_cfg with our ImageNet normalisation), which `timm.create_model("local-dir:FOLDER",
-    pretrained=True)` loads, and which timm's hub tools can push as it is."""
+    model_args, pretrained_cfg with the ImageNet normalisation of data.normalize), the layout of a timm model
+    on the Hugging Face hub, which `timm.create_model("local-dir:FOLDER", pretrained=True)` loads. The
+    architecture name is the preset's timm ViT of that width; model_args override all of its shape."""
     encoder = load_encoder(source, which, config)
     kwargs = timm_vit_kwargs(encoder.cfg)
     architecture = TIMM_ARCHITECTURES.get(encoder.cfg.embed_dim, "vit_base_patch16_224")  # model_args set the rest

@@ -192,14 +192,14 @@ CURVE_PANELS = [  # (title, metrics keys or a prefix, per epoch)
 
 
 def plot_curves(records, path, title=""):
-    """metrics.jsonl records -> one PNG of six panels; loss_l0, loss_l1, ... join the loss panel.
+    """metrics.jsonl records -> one PNG of six panels; loss_* (loss_l0, loss_l1, ...) join the loss panel.
     Returns the keys plotted."""
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(12, 6))
     plotted = []
     for ax, (name, keys, per_epoch) in zip(axes.flat, CURVE_PANELS):
-        if keys == "loss":  # the total and each pyramid level's
-            keys = ("loss", *sorted({k for r in records for k in r if k.startswith("loss_l") and k[6:].isdigit()}))
+        if keys == "loss":  # the total and its logged parts (PI-JEPA's per-level loss_l0, loss_l1, ...)
+            keys = ("loss", *sorted({k for r in records for k in r if k.startswith("loss_")}))
         x_key = "epoch" if per_epoch else "step"
         for key in keys:
             points = [(r[x_key], r[key]) for r in records if key in r and x_key in r]

@@ -82,13 +82,15 @@ def overlay(image, context, targets):
     tinted blue, target block m tinted TARGET_COLOURS[m], everything else darkened."""
     H, W, _ = image.shape
     g = context.shape[0]
-    cells = lambda mask: mask.float()[None, None].repeat_interleave(H // g, 2).repeat_interleave(W // g, 3)[0, 0]
+
+    def pixels(cells):  # (g, g) bool -> (H, W, 1) bool: every pixel of each set cell
+        return cells.repeat_interleave(H // g, 0).repeat_interleave(W // g, 1)[..., None]
+
+    tints = [(CONTEXT_COLOUR, context, 0.45)]
+    tints += [(TARGET_COLOURS[m % len(TARGET_COLOURS)], block, 0.65) for m, block in enumerate(targets)]
     out = image * HIDDEN_SHADE
-    tint = lambda colour, mask, strength: torch.where(cells(mask)[..., None] > 0, (1 - strength) * image + strength
-                                                       * torch.tensor(colour), out)
-    out = tint(CONTEXT_COLOUR, context, 0.45)
-    for m, block in enumerate(targets):
-        out = tint(TARGET_COLOURS[m % len(TARGET_COLOURS)], block, 0.65)
+    for colour, cells, strength in tints:  # later blocks paint over earlier ones where they overlap
+        out = torch.where(pixels(cells), (1 - strength) * image + strength * torch.tensor(colour), out)
     return out.clamp(0, 1)
 
 

@@ -133,7 +133,7 @@ def test_accelerate_runs_the_fsdp_config_on_cpu_as_data_parallel(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["MULTI_CPU", "MULTI_CPU"]
+    assert proc.stdout.count("MULTI_CPU") == 2 and "FSDP" not in proc.stdout, proc.stdout  # lines may interleave
 
 
 if __name__ == "__main__":

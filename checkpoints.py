@@ -352,6 +352,40 @@ def replace_file(path, write):
 # Command line: python checkpoints.py export-official OUT_FOLDER FILE.pth.tar
 
 
+# timm model folders (Meta's checkpoints load through load_encoder first, so both reach timm the same way)
+
+TIMM_ARCHITECTURES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
+                      1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224", 1408: "vit_giant_patch14_224"}
+
+
+def export_timm(source, folder, which="target", config=None):
+    """Write an encoder (a run folder or an official checkpoint, as load_encoder reads them) as a timm
+    model folder: model.safetensors with timm's parameter names and timm's config.json (architecture,
+    model_args, pretrained_cfg with the ImageNet normalisation of data.normalize), the layout of a timm model
+    on the Hugging Face hub, which `timm.create_model("local-dir:FOLDER", pretrained=True)` loads. The
+    architecture name is the preset's timm ViT of that width; model_args override all of its shape."""
+    from models import load_encoder, timm_vit_kwargs
+
+    encoder = load_encoder(source, which, config)
+    kwargs = timm_vit_kwargs(encoder.cfg)
+    architecture = TIMM_ARCHITECTURES.get(encoder.cfg.embed_dim, "vit_base_patch16_224")  # model_args set the rest
+    timm_config = {"architecture": architecture, "num_classes": 0, "num_features": encoder.cfg.embed_dim,
+                   "global_pool": "avg", "model_args": kwargs,
+                   "pretrained_cfg": {"input_size": [encoder.cfg.in_chans, encoder.cfg.img_size, encoder.cfg.img_size],
+                                      "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": 1.0,
+                                      "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                      "num_classes": 0, "classifier": "head"}}
+    from safetensors.torch import save
+
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.contiguous() for k, v in encoder.state_dict().items()}
+    replace_file(os.path.join(folder, "model.safetensors"), lambda f: f.write(save(state)))
+    replace_file(os.path.join(folder, "config.json"),
+                 lambda f: f.write((json.dumps(timm_config, indent=2) + "\n").encode()))
+    return kwargs
+
+
+
 def main(argv=None):
     import argparse
     import sys
@@ -362,13 +396,25 @@ def main(argv=None):
                                  "(FILE.pth.tar) with its yaml beside it (FILE.yaml)")
     export.add_argument("folder", help="a run folder (config.json + model.safetensors)")
     export.add_argument("file", help="the .pth.tar file to write")
+    to_timm = commands.add_parser("export-timm", help="write an encoder as a timm model folder (model.safetensors "
+                                  "+ config.json) for timm.create_model('local-dir:FOLDER', pretrained=True)")
+    to_timm.add_argument("source", help="a run folder, or an official I-JEPA .pth.tar checkpoint")
+    to_timm.add_argument("folder", help="the timm folder to write")
+    to_timm.add_argument("--encoder", default="target", choices=("target", "context"))
+    to_timm.add_argument("--config", help="an official checkpoint's yaml (default: the one beside it)")
     args = parser.parse_args(argv)
     try:
-        yaml_path = export_official(args.folder, args.file)
+        if args.command == "export-official":
+            yaml_path = export_official(args.folder, args.file)
+            print(f"wrote {args.file} and {yaml_path}")
+        else:
+            kwargs = export_timm(args.source, args.folder, args.encoder, args.config)
+            print(f"wrote {args.folder}/model.safetensors and {args.folder}/config.json; in Python: "
+                  f"timm.create_model('local-dir:{args.folder}', pretrained=True), or "
+                  f"VisionTransformer(**{kwargs}) and load_state_dict of the safetensors file")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {args.file} and {yaml_path}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,51 @@ def as_user_error(fn, *args, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Experiment trackers (--log-with): Accelerate's own list, and the package each one needs
+
+# (import name, pip name) of a tracker's package where they differ from the tracker's name.
+TRACKER_PACKAGES = {"comet_ml": ("comet_ml", "comet-ml")}
+
+
+def tracker_names():
+    """The trackers the installed Accelerate supports (its LOGGER_TYPE_TO_CLASS), for --log-with's choices."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    return tuple(sorted(LOGGER_TYPE_TO_CLASS))
+
+
+def check_tracker(name):
+    """Refuse a tracker whose package is missing, in one line naming what to install: Accelerate would
+    otherwise drop it silently (a debug-level log line) and the run would log nowhere. Call it before
+    creating the Accelerator."""
+    import importlib.util
+
+    if name is None:
+        return
+    module, package = TRACKER_PACKAGES.get(name, (name, name))
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"--log-with {name} needs the {package} package, which is not installed: "
+                        f"pip install {package}")
+
+
+def start_trackers(accelerator, args):
+    """init_trackers for --log-with, named after the run folder, with the settings as the run's config.
+    Settings that are not a number, string or bool (tuples, None) are logged as text: tensorboard's
+    hyper-parameter table refuses them. wandb writes its files inside the run folder (offline runs too),
+    as tensorboard does (Accelerate gives it project_dir), instead of ./wandb where it was started."""
+    if not args.log_with:
+        return
+    config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+    try:
+        accelerator.init_trackers(os.path.basename(os.path.normpath(args.out)), config=config,
+                                  init_kwargs={"wandb": {"dir": args.out}})
+    except Exception as e:  # each tracker raises its own types (wandb: UsageError for a missing login)
+        hint = ("; without an account or network, run with WANDB_MODE=offline (then wandb sync OUT/wandb/offline-run-*)"
+                if args.log_with == "wandb" else "; check its settings, or run without --log-with")
+        raise UserError(f"--log-with {args.log_with} could not start ({type(e).__name__}: {one_line(e)}){hint}") from e
+
+
+# ----------------------------------------------------------------------------------------------------
 # Atomic files: write a temporary file beside the target, fsync, rename over it, fsync the folder.
 
 

@@ -124,6 +124,17 @@ def stack_images(images, names):
     return torch.stack(images) if images else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
 
 
+def progress(iterable, desc, total=None, unit="img"):
+    """A tqdm bar for a loop a person may wait on (decoding a folder, extracting features): on stderr, shown
+    only after 2 s, and quiet when stderr is not a terminal (logs, tests) or on a process other than the
+    first of a distributed launch (every process reads the data; one bar is enough)."""
+    from tqdm.auto import tqdm
+
+    first_process = os.environ.get("RANK", "0") == "0"
+    return tqdm(iterable, desc=desc, total=total, unit=unit, delay=2, leave=False, dynamic_ncols=True,
+                disable=None if first_process else True)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Files from a folder or a tar archive, read in one pass
 
@@ -179,7 +190,7 @@ def is_image(rel):
 def decode_all(entries, size, skip_bad):
     """entries: (name, bytes, label) -> (images, labels, names kept, skipped count)."""
     images, labels, names, skipped = [], [], [], 0
-    for name, data, label in entries:
+    for name, data, label in progress(entries, "decoding images"):
         try:
             images.append(decode_image(data, name, size))
         except UserError:
@@ -229,7 +240,8 @@ def imagefolder_wanted(split):
 def imagefolder_select(items, split, path):
     """(rel, payload) pairs read with imagefolder_wanted -> ([(rel, payload, label)] of `split`, classes,
     whether the folder has split sub-folders)."""
-    placed = [(rel, payload, *imagefolder_place(rel)) for rel, payload in items]
+    placed = [(rel, payload, *imagefolder_place(rel)) for rel, payload in progress(items, f"reading {path}",
+                                                                                    unit="file")]
     has_splits = any(where is not None for _, _, where, _ in placed)
     chosen = [(rel, payload, cls) for rel, payload, where, cls in placed
               if cls is not None and (where is not None or not has_splits)]
@@ -375,7 +387,7 @@ def read_hf(hub_id, split, size, image_column, label_column):
     image_column, label_column = hf_columns(hub_id, part.features, image_column, label_column)
     classes = getattr(part.features[label_column], "names", None) or sorted(set(part[label_column]))
     images = []
-    for i, img in enumerate(part[image_column]):
+    for i, img in enumerate(progress(part[image_column], f"decoding {hub_id}")):
         buffer = io.BytesIO()
         _to_rgb(img).save(buffer, format="PNG")
         images.append(decode_image(buffer.getvalue(), f"{hub_id}[{i}]", size))

@@ -4,7 +4,7 @@
     python evaluate_embeddings.py --ckpt out/c10 --encoder context --pool last4
     python evaluate_embeddings.py --ckpt out/c10 --dataset imagefolder:data/my_images --no-tsne
     python evaluate_embeddings.py --ckpt out/h --features head        # the hierarchical head's features
-    python evaluate_embeddings.py --compare out/a out/b              # one table across runs + accuracy bars
+    python evaluate_embeddings.py --compare out/a out/b              # one table + accuracy, retention bars
 
 The encoder is rebuilt from the folder alone (config.json + model.safetensors; for a hierarchical-head run,
 --features backbone is the frozen backbone its head reads). The dataset, image size and data settings default
@@ -59,7 +59,8 @@ import checkpoints
 import models
 from common import (ArgumentParser, atomic_save_safetensors, atomic_write_json, collapse_metrics,
                     exit_on_user_error, inference_autocast)
-from data import class_balanced_subset, eval_transform, holdout_split, load_split, UserError
+from data import class_balanced_subset, eval_transform, holdout_split, load_split, progress, UserError
+from plots import compare_bars, write_curves
 from settings import non_negative_float, positive_int
 
 CACHE_VERSION = 1
@@ -75,7 +76,7 @@ def build_parser():
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--ckpt", help="a training run's --out folder (config.json + model.safetensors)")
     what.add_argument("--compare", nargs="+", metavar="RUN", help="run folders (or results.json files) "
-                      "already evaluated: print one table and draw accuracy bars")
+                      "already evaluated: print one table and draw accuracy and retention bars")
 
     g = p.add_argument_group("data (default: the run's own settings)")
     g.add_argument("--dataset", help="digits | cifar10 | cifar100 | imagefolder:<dir|tar> | "
@@ -269,10 +270,10 @@ class Variant:
 
 
 @torch.no_grad()
-def extract(feature_fn, images, transform, batch_size, device):
+def extract(feature_fn, images, transform, batch_size, device, desc="features"):
     """uint8 images (N, 3, S, S) -> dict of (N, ...) float32 CPU tensors, one batch at a time."""
     parts = []
-    for chunk in images.split(batch_size):
+    for chunk in progress(images.split(batch_size), desc, unit="batch"):
         with inference_autocast(device):
             out = feature_fn(transform(chunk.to(device, non_blocking=True)))
         parts.append({k: v.float().cpu() for k, v in out.items()})
@@ -391,7 +392,7 @@ def train_probe(features, labels, num_classes, weight_decays, val_fraction=0.1, 
     fit = PROBES[method]
     fit_idx, val_idx = (i.to(features.device) for i in holdout_split(labels.cpu(), val_fraction, seed))
     val_top1 = {}
-    for wd in weight_decays:
+    for wd in progress(weight_decays, "linear probe, weight decays", unit="fit"):
         probe = fit(features[fit_idx], labels[fit_idx], num_classes, wd, iters)
         val_top1[wd] = probe.accuracy(features[val_idx], labels[val_idx])
     best = max(weight_decays, key=val_top1.get)  # the first maximum: the strongest decay among ties
@@ -451,27 +452,6 @@ def plot_embeddings(features, labels, classes, path, seed=0, samples=2000, max_c
         ax.set_yticks([])
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=3, fontsize=8,
                        title=f"{shown} of {len(classes)} classes" if shown < len(classes) else None)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_compare(names, results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    probe = [100 * r["linear_probe"]["top1"] for r in results]
-    knn = [100 * r["knn"]["top1"] for r in results]
-    at = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(names) + 2), 4))
-    ax.bar(at - 0.2, probe, 0.4, label="linear probe")
-    ax.bar(at + 0.2, knn, 0.4, label=f"kNN (k={results[0]['knn']['k']})")
-    ax.set_xticks(at, names, rotation=20, ha="right")
-    ax.set_ylabel("test top-1 (%)")
-    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -543,7 +523,7 @@ class FeatureSource:
                    data_fingerprint=data_fingerprint(data))
         transform = lambda x: variant.transform(x, self.image_size, self.patch)
         compute = lambda: extract(self.feature_fn(split, variant), data.images, transform, self.args.batch_size,
-                                  self.device)
+                                  self.device, f"features {split} {variant.name}")
         with timed(self.timings, "features_s"):
             tensors, self.hits[f"{split}/{variant.name}"] = cached(self.eval_dir, key, compute, self.args.cache)
         return {k: v.to(self.device) for k, v in tensors.items()}
@@ -643,6 +623,9 @@ def run_evaluation(args):
     plot_path = os.path.join(eval_dir, "embeddings.png")
     plot_embeddings(test_features, test.labels, test.classes, plot_path, args.seed, args.tsne_samples,
                     args.plot_classes, args.tsne)
+    plots = {"embeddings": os.path.relpath(plot_path, args.ckpt)}
+    if os.path.isfile(os.path.join(args.ckpt, "metrics.jsonl")):  # a training run's curves, beside its numbers
+        plots["curves"] = os.path.relpath(write_curves(args.ckpt, os.path.join(eval_dir, "curves.png")), args.ckpt)
     numbers["timings"]["plots_s"] = time.perf_counter() - start_plot
     numbers["timings"]["total_s"] = time.perf_counter() - start
     results = {
@@ -653,11 +636,12 @@ def run_evaluation(args):
                      "val_fraction": args.val_fraction, "scales": list(args.scales), "device": str(device),
                      "train_images": len(train), "test_images": len(test), "classes": test.classes},
         **numbers,
-        "plots": {"embeddings": os.path.relpath(plot_path, args.ckpt)},
+        "plots": plots,
     }
     atomic_write_json(os.path.join(eval_dir, "results.json"), results)
     print(summary_table(results))
-    print(f"wrote {os.path.join(eval_dir, 'results.json')} and {plot_path}")
+    written = [os.path.join(args.ckpt, path) for path in (os.path.join(EVAL_DIR, "results.json"), *plots.values())]
+    print(f"wrote {', '.join(written)}")
     return results
 
 
@@ -716,7 +700,7 @@ def compare(paths, plot_path):
         rows.append([name, r["checkpoint"]["step"], percent(r["linear_probe"]["top1"]), percent(r["knn"]["top1"]),
                      *scale, f"{r['collapse']['rankme']:.1f}"])
     print(format_table(header, rows))
-    plot_compare(names, results, plot_path)
+    compare_bars(names, results, plot_path)
     print(f"wrote {plot_path}")
     return rows
 

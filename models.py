@@ -1039,6 +1039,25 @@ def load_predictor(path, config=None):
 
 
 # ----------------------------------------------------------------------------------------------------
+# timm: our encoder is timm's VisionTransformer without a class token, parameter names included
+# (checkpoints.export_timm writes a folder timm.create_model loads).
+
+def timm_vit_kwargs(cfg: ViTConfig):
+    """Keyword arguments of timm.models.vision_transformer.VisionTransformer for an encoder of this config:
+    our state_dict loads into it with no missing or unexpected key, its forward_features equals our
+    forward (B, N, D) and its pre-logits the mean of our tokens (global_pool="avg", no fc_norm, so the
+    final LayerNorm is timm's `norm`). num_classes=0: no head; timm's reset_classifier(n) adds one."""
+    problems = [text for bad, text in (
+        (cfg.patch_embed != "strided", "a conv patch stem (timm's patch embedding is one strided convolution)"),
+        (cfg.layer_norm_eps != 1e-6, f"LayerNorm eps {cfg.layer_norm_eps} (timm's ViT uses 1e-6)")) if bad]
+    if problems:
+        raise ValueError(f"timm's VisionTransformer cannot hold this encoder: {'; '.join(problems)}")
+    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
+                depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+                class_token=False, no_embed_class=True, global_pool="avg", fc_norm=False, num_classes=0)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Hierarchical head (train_hierarchical_predictor.py): a small head on a frozen backbone's features from
 # several depths. Each depth's tokens are mean-pooled (or kept per token), the depths are combined by a
 # learned weighted sum or by concatenation and a projection, then the study's head maps

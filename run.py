@@ -26,9 +26,9 @@ import time
 
 import torch
 
-from common import (atomic_save_safetensors, atomic_write_json, check_out_dir, check_same_model,
+from common import (atomic_save_safetensors, atomic_write_json, check_out_dir, check_same_model, check_tracker,
                     default_mixed_precision, latest_checkpoint, load_checkpoint, MetricsLog, one_line, precision_note,
-                    prepare_out_dir, run_bytes_needed, save_checkpoint)
+                    prepare_out_dir, run_bytes_needed, save_checkpoint, start_trackers)
 from data import UserError
 
 
@@ -37,6 +37,7 @@ def make_accelerator(args, **kwargs):
     for Accelerate to use gloo."""
     from accelerate import Accelerator
 
+    check_tracker(args.log_with)  # a missing tracker package: one line, before anything starts
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     precision = default_mixed_precision(args.mixed_precision, torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision=precision, log_with=args.log_with, project_dir=args.out, cpu=multi_cpu,
@@ -82,8 +83,7 @@ class Run:
             atomic_write_json(os.path.join(self.out, "config.json"), config)
             if config.get("skipped_images"):
                 accelerator.print(f"skipped {config['skipped_images']} unreadable images (--skip-bad-images)")
-        if args.log_with:
-            accelerator.init_trackers(os.path.basename(os.path.normpath(self.out)), config=vars(args))
+        start_trackers(accelerator, args)
         # Lines past the resumed step are a killed run's stale tail; a fresh start keeps none.
         self.metrics = MetricsLog(os.path.join(self.out, "metrics.jsonl"), self.main, step if step else -1)
         self.stop = StopRequest()

@@ -10,7 +10,7 @@ import argparse
 import math
 import sys
 
-from common import printable
+from common import printable, tracker_names
 from data import UserError
 from checkpoints import official_flags
 
@@ -73,7 +73,8 @@ def add_run_arguments(parser, default_out):
     g.add_argument("--skip-nonfinite", type=non_negative_int, default=0, metavar="N", help="skip up to N updates "
                    "whose loss or gradients are not finite, checked before each optimizer step (one host sync a "
                    "step); 0: stop at the first, checked at log time")
-    g.add_argument("--log-with", default=None, choices=("tensorboard",), help="an Accelerate tracker")
+    g.add_argument("--log-with", default=None, choices=tracker_names(), help="an Accelerate tracker "
+                   "(tensorboard and wandb write inside --out; without network: WANDB_MODE=offline)")
     return g
 
 

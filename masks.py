@@ -245,11 +245,11 @@ def unpool_cells(cells, grid_size, level):
 
 
 def rescale_size(h, w, level):
-    """A fine h x w block's size on level l: sides h / 2^l and w / 2^l rounded, halves down (a 3 x 3 block
-    is one 2 x 2 cell, not four), at least one cell: the rescaled block stays (nearly) inside the fine one,
-    so hiding it at the fine level costs few context patches."""
+    """A fine h x w block's size on level l: sides h / 2^l and w / 2^l rounded down, at least one cell (a 7x7
+    block is 3x3 cells on level 1 and one cell on level 2): the rescaled block stays (nearly) inside the
+    fine one, so hiding it at the fine level costs few context patches."""
     s = 2**level
-    return max(1, math.ceil(h / s - 0.5)), max(1, math.ceil(w / s - 0.5))
+    return max(1, h // s), max(1, w // s)
 
 
 def rescale_corners(top, left, h, w, level, grid_size, generator):
@@ -300,7 +300,8 @@ class PyramidMaskSampler(MultiBlockMaskSampler):
          fine level matches an I-JEPA run's sizes), chosen at random from A_0 (full_downsampling: patches
          of cells whole at a coarser level first, whole cells together, so coarse context exists); Kc_l of
          A_l at each coarse level (all cells under fine_only; else the 5th percentile of |A_l| from a
-         fixed-seed simulation, at least 1); targets are whole blocks, Kt_l = h_l * w_l.
+         fixed-seed simulation, at least 1 except under full_downsampling); targets are whole blocks,
+         Kt_l = h_l * w_l.
       A sample is valid when |A_0| >= Kc_0 and |A_l| >= Kc_l; rounds of candidates, each sized for the
       simulated acceptance rate, are drawn until the batch is full (rejection sampling, as I-JEPA's redraws).
     """
@@ -348,7 +349,11 @@ class PyramidMaskSampler(MultiBlockMaskSampler):
         for level in range(1, self.levels):
             available = torch.cat([d["allowed"][level].sum(-1) for d in draws])[fine_ok]
             cells = self.level_grids[level] ** 2
-            sizes.append(cells if self.strategy == "fine_only" else max(1, int(torch.quantile(available.float(), q))))
+            quantile = int(torch.quantile(available.float(), q))
+            # full_downsampling's coarse view repeats fine context, and a level where whole cells are rare
+            # (the coarsest of 3 on 16x16) may show none rather than reject a third of the draws
+            fewest = 0 if self.strategy == "full_downsampling" else 1
+            sizes.append(cells if self.strategy == "fine_only" else max(fewest, quantile))
         valid = torch.cat([self._valid(d, sizes) for d in draws])
         return tuple(sizes), float(valid.float().mean())
 

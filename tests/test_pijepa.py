@@ -126,7 +126,9 @@ def test_pyramid_mask_rules(strategy, grid):
     offsets, B, M = pyramid_offsets(grid, levels), 32, 4
     carrying = tuple(level for level, k in enumerate(masks.target_sizes) if k)
     assert carrying == {"coarse_only": tuple(range(1, levels)), "fine_only": (0,)}.get(strategy, tuple(range(levels)))
-    assert all(k > 0 for k in masks.context_sizes)
+    assert all(k > 0 for k in masks.context_sizes[:2])  # the coarsest may show none under full_downsampling
+    assert all(k > 0 for k in masks.context_sizes) or strategy == "full_downsampling"
+    assert s.acceptance > 0.8  # few rejected draws: where targets land is (nearly) I-JEPA's
     ijepa = MultiBlockMaskSampler(grid)
     assert masks.context_sizes[0] == ijepa.num_context
     if 0 in carrying:  # the same fine block size as I-JEPA's from the same generator state

@@ -211,7 +211,7 @@ class PyramidMasks(Masks):
     context_idx (B, sum Kc_l) = [Kc_0 fine patches | Kc_1 level-1 cells | ...] and
     target_idx (B, M, sum Kt_l), group m = [the Kt_0 cells of block m at level 0 | its Kt_1 at level 1 | ...];
     Kt_l = h_l * w_l (whole blocks), 0 at a level without targets. target_union counts the fine patches
-    hidden from the fine context."""
+    under a target of any level."""
 
     context_sizes: tuple  # (Kc_0, ..., Kc_{L-1})
     target_sizes: tuple  # (Kt_0, ..., Kt_{L-1})
@@ -376,7 +376,8 @@ class PyramidMaskSampler(MultiBlockMaskSampler):
         corners    per level (top, left) of the M target blocks, each (n, M), or None without targets
         targets    per level (n, M, C_l) bool target cells, or None
         fine_allowed (n, N) bool A_0, context_idx (n, Kc_0) the chosen fine context,
-        allowed    per level (n, C_l) bool A_l (None at level 0), hidden (n,) fine patches hidden."""
+        allowed    per level (n, C_l) bool A_l (None at level 0), under_targets (n,) fine patches under a
+                   target of any level."""
         (h, w), sizes = block_sizes_
         G = self.grid_size
         fine, (top, left) = self._place_targets(n, h, w, generator)  # (n, M, N)
@@ -395,12 +396,12 @@ class PyramidMaskSampler(MultiBlockMaskSampler):
                 targets[level] = rectangles(*corners[level], *sizes[level], g, g)
         coarse_hidden = torch.zeros_like(context)  # fine patches under any coarse target
         for level in range(1, self.levels):
-            if targets[level] is not None and self.strategy != "full_resampling":
+            if targets[level] is not None:
                 coarse_hidden |= unpool_cells(targets[level].any(1), G, level).bool()
+        under_targets = coarse_hidden | fine.any(1) if 0 in self.target_levels else coarse_hidden
         allowed = [None] * self.levels
         if self.strategy in ("fine_only", "full_resampling"):
-            fine_allowed = context & ~fine.any(1)
-            hidden = fine.any(1)
+            fine_allowed = context & ~fine.any(1)  # full_resampling: coarse targets are not hidden here
             context_idx = random_subset(fine_allowed, self.num_context, generator)
             for level in range(1, self.levels):
                 cells = self.level_grids[level] ** 2
@@ -411,13 +412,12 @@ class PyramidMaskSampler(MultiBlockMaskSampler):
                     allowed[level] = sampler._draw_blocks((n,), self.context_scale, self.context_aspect,
                                                           generator) & ~targets[level].any(1)
         elif self.strategy == "coarse_only":
-            fine_allowed, hidden = context, coarse_hidden
+            fine_allowed = context
             context_idx = random_subset(fine_allowed, self.num_context, generator)
             for level in range(1, self.levels):
                 allowed[level] = pool_cells(coarse_hidden, G, level) == 0
         else:  # full_downsampling
-            hidden = fine.any(1) | coarse_hidden
-            fine_allowed = context & ~hidden
+            fine_allowed = context & ~under_targets
             # Keep whole coarse cells together: patches of cells whole in A_0 at more levels first, the
             # cells in random order, so the chosen fine context holds whole cells a coarse level can show.
             whole = sum(unpool_cells(pool_cells(fine_allowed, G, level) == 4**level, G, level).long()
@@ -431,7 +431,7 @@ class PyramidMaskSampler(MultiBlockMaskSampler):
             for level in range(1, self.levels):
                 allowed[level] = pool_cells(chosen, G, level) == 4**level
         return {"corners": corners, "targets": targets, "fine_allowed": fine_allowed, "context_idx": context_idx,
-                "allowed": allowed, "hidden": hidden.sum(-1)}
+                "allowed": allowed, "under_targets": under_targets.sum(-1)}
 
     def _valid(self, draw, context_sizes):
         ok = draw["fine_allowed"].sum(-1) >= context_sizes[0]
@@ -474,7 +474,7 @@ class PyramidMaskSampler(MultiBlockMaskSampler):
             target_parts.append(rectangle_indices(top, left, *size, self.level_grids[level]) + self.offsets[level])
             target_sizes.append(size[0] * size[1])
         return PyramidMasks(context_idx=torch.cat(context_parts, 1), target_idx=torch.cat(target_parts, -1),
-                            context_visible=draw["fine_allowed"].sum(-1), target_union=draw["hidden"],
+                            context_visible=draw["fine_allowed"].sum(-1), target_union=draw["under_targets"],
                             num_patches=self.num_patches, context_sizes=self.context_sizes,
                             target_sizes=tuple(target_sizes))
 

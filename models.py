@@ -462,18 +462,19 @@ class IJEPA(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # PI-JEPA: the latent pyramid and cross-scale prediction
 #
-#   image ──avgpool 2^l──> image_l (H / 2^l px) ──encoder──> level l tokens, a (G/2^l)^2 grid, same patch size
+#   image ──avgpool 2^l──> image_l (H / 2^l px) ──encoder──> level l tokens, a (G/2^l)^2 grid
 #
 #   level 2   (G/4)^2 cells   encoder(image / 4)            2x2 cells on an 8x8 grid
 #   level 1   (G/2)^2 cells   encoder(image / 2)            4x4
 #   level 0   G x G patches   encoder(image), I-JEPA's      8x8
 # Context: the context encoder on each level's image, seeing only that level's context cells. Targets: the
-# EMA target encoder on each level's image, layer-normed ("encoded"), or the 2x2 mean pool of the level
-# below ("pooled", pyramid_pool). One predictor sequence per target group: [context tokens of every level |
-# mask tokens of group m at every target level], each token at its cell centre (fine-grid coordinates)
-# plus its level embedding. A level-l cell covers exactly the pixels of its 2^l x 2^l fine patches.
+# 2x2 mean pool of the level below, layer-normed ("pooled", pyramid_pool, the default), or the EMA target
+# encoder on each level's image ("encoded"). One predictor sequence per target group: [context tokens of
+# every level | mask tokens of group m at every target level], each token at its cell centre (fine-grid
+# coordinates) plus its level embedding. A level-l cell covers exactly the pixels of its 2^l x 2^l fine
+# patches.
 
-COARSE_TARGETS = ("encoded", "pooled")
+COARSE_TARGETS = ("pooled", "encoded")
 
 
 def pyramid_pool(tokens, grid_size, levels):
@@ -511,16 +512,16 @@ class PyramidIJEPA(IJEPA):
     Level l is the image average-pooled 2^l times, encoded by the same (shared) encoder on its own
     (G/2^l)^2 token grid, with the encoder's position embedding resized to that grid (as at any other
     resolution). Context: the context encoder runs once per level on that level's context cells only
-    (masks.PyramidMaskSampler decides which cells each level shows). Targets: coarse_targets="encoded"
-    runs the EMA target encoder on every target level's image; "pooled" instead 2x2-pools the fine target
-    tokens level by level (pyramid_pool; no coarse image is encoded on the target side). Prediction: target
+    (masks.PyramidMaskSampler decides which cells each level shows). Targets: coarse_targets="pooled" (the
+    default, measured in the README) 2x2-pools the layer-normed fine target tokens level by level
+    (pyramid_pool); "encoded" runs the EMA target encoder on every target level's image. Prediction: target
     group m (block m at every target level) is one predictor sequence holding the context of every level,
     so with L = 1 this is exactly IJEPA; predict_per="sample" puts all M groups of a sample in one sequence.
     Loss: sum over target levels of level_weights[l] * loss_l, each loss_l logged as "loss_l{l}".
     """
 
     def __init__(self, encoder_cfg: ViTConfig, predictor_cfg: PredictorConfig, loss="smooth_l1",
-                 level_weights=None, predict_per="block", coarse_targets="encoded"):
+                 level_weights=None, predict_per="block", coarse_targets="pooled"):
         super().__init__(encoder_cfg, predictor_cfg, loss)
         levels = predictor_cfg.levels
         if predictor_cfg.grid_size != encoder_cfg.grid_size:

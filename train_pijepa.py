@@ -7,8 +7,9 @@
 
 Same loop, flags and output folder as train_ijepa.py (train_ijepa.train), plus the "pyramid" flags. Level l
 of the latent pyramid is the image downsampled 2^l times, encoded by the same encoder on its own (G/2^l)^2
-token grid: the context encoder sees each level's context cells, the EMA target encoder gives each level's
-targets (or, with --coarse-targets pooled, 2x2 pools of the fine target tokens). One predictor, with a
+token grid: the context encoder sees each level's context cells; coarse targets are 2x2 pools of the EMA
+target encoder's fine tokens (or, with --coarse-targets encoded, its encoding of each coarse image; README
+"PI-JEPA" measures both). One predictor, with a
 position embedding at each cell's centre plus a learned level embedding, predicts each target block at
 every level from the context of every level. --pyramid-masking decides what each scale shows and hides
 (full_downsampling: a target is hidden at every scale; full_resampling: independent masks per scale;
@@ -39,8 +40,9 @@ def build_pyramid_parser():
                    f"grid at least {COARSEST_GRID}x{COARSEST_GRID}, at most {MOST_LEVELS}); 1 is I-JEPA")
     g.add_argument("--pyramid-masking", default="full_downsampling", choices=PYRAMID_STRATEGIES,
                    help="which levels carry targets and how they are drawn (see masks.PyramidMaskSampler)")
-    g.add_argument("--coarse-targets", default="encoded", choices=COARSE_TARGETS, help="coarse target tokens: the "
-                   "target encoder on the downsampled image (encoded) or 2x2 pools of the fine target tokens (pooled)")
+    g.add_argument("--coarse-targets", default="pooled", choices=COARSE_TARGETS, help="coarse target tokens: 2x2 "
+                   "pools of the fine target tokens (pooled) or the target encoder on the downsampled image "
+                   "(encoded); README 'PI-JEPA' has the measurement behind the default")
     g.add_argument("--level-weights", type=non_negative_float, nargs="+", help="loss weight per level "
                    "(default: 1 each)")
     g.add_argument("--predict-per", default="block", choices=("block", "sample"), help="one predictor "

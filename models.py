@@ -570,13 +570,21 @@ def conv_flops(module, size):
 
 
 # ----------------------------------------------------------------------------------------------------
-# PI-JEPA: the latent pyramid and bidirectional cross-scale prediction
+# PI-JEPA: the latent pyramid and cross-scale prediction
 #
-#   level 2   (G/4)^2 cells   LN(2x2 mean of level-1 cells)               2x2 on an 8x8 grid
-#   level 1   (G/2)^2 cells   LN(2x2 mean of level-0 tokens)              4x4
-#   level 0   G x G patches   LN(target-encoder tokens), I-JEPA's target  8x8
-# One predictor sequence per target group: [context tokens of every level | mask tokens of group m at
-# every target level], each token at its cell centre (fine-grid coordinates) plus its level embedding.
+#   image ──avgpool 2^l──> image_l (H / 2^l px) ──encoder──> level l tokens, a (G/2^l)^2 grid
+#
+#   level 2   (G/4)^2 cells   encoder(image / 4)            2x2 cells on an 8x8 grid
+#   level 1   (G/2)^2 cells   encoder(image / 2)            4x4
+#   level 0   G x G patches   encoder(image), I-JEPA's      8x8
+# Context: the context encoder on each level's image, seeing only that level's context cells. Targets: the
+# 2x2 mean pool of the level below, layer-normed ("pooled", pyramid_pool, the default), or the EMA target
+# encoder on each level's image ("encoded"). One predictor sequence per target group: [context tokens of
+# every level | mask tokens of group m at every target level], each token at its cell centre (fine-grid
+# coordinates) plus its level embedding. A level-l cell covers exactly the pixels of its 2^l x 2^l fine
+# patches.
+
+COARSE_TARGETS = ("pooled", "encoded")
 
 
 def pyramid_pool(tokens, grid_size, levels):
@@ -602,21 +610,28 @@ def pyramid_parents(grid_size, levels):
                         for level in range(levels)])
 
 
+def level_slices(sizes):
+    """Per-level lengths (K_0, K_1, ...) -> [(level, slice of that level's part)] for levels with K_l > 0."""
+    starts = [sum(sizes[:level]) for level in range(len(sizes))]
+    return [(level, slice(start, start + size)) for level, (start, size) in enumerate(zip(starts, sizes)) if size]
+
+
 class PyramidIJEPA(IJEPA):
     """PI-JEPA: I-JEPA's encoders and predictor on a latent pyramid of L levels (Predictor levels = L).
 
-    Targets: the latent pyramid (`pyramid_pool`) of the layer-normed target-encoder tokens. Context: the
-    encoder runs once on the Kc_0 visible fine patches; a coarse context token is the mean of the encoder's
-    outputs over those of its fine patches (masks.PyramidMaskSampler only names cells holding at least one).
-    Prediction: target group m (block m at every level that carries targets) is one predictor sequence
-    with the context tokens of every level, so with L = 1 this is exactly IJEPA (one sequence per block)
-    and blocks stay independent as in I-JEPA. predict_per="sample" instead puts all M groups of a sample
-    in one sequence (the issue's wording), where targets of one block also attend to the others' queries.
+    Level l is the image average-pooled 2^l times, encoded by the same (shared) encoder on its own
+    (G/2^l)^2 token grid, with the encoder's position embedding resized to that grid (as at any other
+    resolution). Context: the context encoder runs once per level on that level's context cells only
+    (masks.PyramidMaskSampler decides which cells each level shows). Targets: coarse_targets="pooled" (the
+    default, measured in the README) 2x2-pools the layer-normed fine target tokens level by level
+    (pyramid_pool); "encoded" runs the EMA target encoder on every target level's image. Prediction: target
+    group m (block m at every target level) is one predictor sequence holding the context of every level,
+    so with L = 1 this is exactly IJEPA; predict_per="sample" puts all M groups of a sample in one sequence.
     Loss: sum over target levels of level_weights[l] * loss_l, each loss_l logged as "loss_l{l}".
     """
 
     def __init__(self, encoder_cfg: ViTConfig, predictor_cfg: PredictorConfig, loss="smooth_l1",
-                 level_weights=None, predict_per="block"):
+                 level_weights=None, predict_per="block", coarse_targets="pooled"):
         if not isinstance(predictor_cfg, PredictorConfig):
             raise ValueError("PI-JEPA needs the transformer predictor (it embeds pyramid levels), not "
                              f"{type(predictor_cfg).__name__}; drop --predictor mlp")
@@ -630,55 +645,61 @@ class PyramidIJEPA(IJEPA):
             raise ValueError(f"{len(self.level_weights)} level weights for {levels} levels; give one per level")
         if predict_per not in ("block", "sample"):
             raise ValueError(f"predict_per must be 'block' or 'sample', got {predict_per!r}")
-        self.predict_per = predict_per
-        self.register_buffer("parents", pyramid_parents(encoder_cfg.grid_size, levels), persistent=False)
-        self.num_cells = pyramid_offsets(encoder_cfg.grid_size, levels)[-1]
+        if coarse_targets not in COARSE_TARGETS:
+            raise ValueError(f"coarse_targets must be one of {', '.join(COARSE_TARGETS)}, got {coarse_targets!r}")
+        self.predict_per, self.coarse_targets = predict_per, coarse_targets
+        self.offsets = pyramid_offsets(encoder_cfg.grid_size, levels)
 
     @property
     def levels(self):
         return self.predictor.cfg.levels
 
-    @torch.no_grad()
-    def targets(self, images, target_idx):
-        """Latent-pyramid tokens at pyramid cells target_idx: (B, M, Kt, D), no gradient."""
-        h = self.target_encoder(images)
-        h = pyramid_pool(F.layer_norm(h, h.shape[-1:]), self.encoder.cfg.grid_size, self.levels)
-        return gather_tokens(h, target_idx)
+    def level_image(self, images, level):
+        """(B, C, H, W) -> (B, C, H / 2^l, W / 2^l): the image level l encodes (each pixel the mean of a
+        2^l x 2^l square, so a level-l patch holds exactly the pixels of its 2^l x 2^l fine patches)."""
+        return images if level == 0 else F.avg_pool2d(images, 2**level)
 
-    def context(self, images, context_idx, num_fine=None):
-        """(B, Kc, D) context tokens at pyramid cells context_idx, whose first num_fine (default: all) are
-        fine patches, the only ones the encoder sees; the rest are coarse cells, each the mean of its seen
-        patches."""
-        num_fine = context_idx.shape[1] if num_fine is None else num_fine
-        fine_idx = context_idx[:, :num_fine]
-        fine = self.encoder(images, keep=fine_idx)  # (B, Kc_0, D)
-        if context_idx.shape[1] == num_fine:
-            return fine
-        B, _, D = fine.shape
-        cells = self.parents[1:, fine_idx].transpose(0, 1).reshape(B, -1)  # (B, (L-1) Kc_0) coarse cells
-        src = fine.repeat(1, self.levels - 1, 1)  # (B, (L-1) Kc_0, D), matching `cells`
-        sums = fine.new_zeros(B, self.num_cells, D).scatter_add(1, cells[..., None].expand(-1, -1, D), src)
-        counts = fine.new_zeros(B, self.num_cells).scatter_add(1, cells, torch.ones_like(cells, dtype=fine.dtype))
-        means = sums / counts.clamp_min(1)[..., None]  # (B, P, D); cells without a seen patch stay 0
-        return torch.cat([fine, gather_tokens(means, context_idx[:, num_fine:])], dim=1)
+    @torch.no_grad()
+    def targets(self, images, target_idx, target_sizes=None):
+        """Layer-normed target tokens at pyramid cells target_idx (B, M, sum Kt_l): (B, M, Kt, D), no gradient."""
+        target_sizes = target_sizes or (target_idx.shape[-1],)
+        if self.coarse_targets == "pooled":
+            h = self.target_encoder(images)
+            h = pyramid_pool(F.layer_norm(h, h.shape[-1:]), self.encoder.cfg.grid_size, self.levels)
+            return gather_tokens(h, target_idx)
+        parts = []
+        for level, part in level_slices(target_sizes):
+            h = self.target_encoder(self.level_image(images, level))  # (B, (G/2^l)^2, D)
+            parts.append(gather_tokens(F.layer_norm(h, h.shape[-1:]), target_idx[..., part] - self.offsets[level]))
+        return torch.cat(parts, dim=2)
+
+    def context(self, images, context_idx, context_sizes=None):
+        """(B, sum Kc_l, D) context tokens at pyramid cells context_idx: level l's part is the encoder's
+        output on level l's image, computed from those cells alone."""
+        context_sizes = context_sizes or (context_idx.shape[1],)
+        return torch.cat([self.encoder(self.level_image(images, level), keep=context_idx[:, part] -
+                                       self.offsets[level]) for level, part in level_slices(context_sizes)], dim=1)
+
+    def predict(self, images, context_idx, target_idx, context_sizes):
+        """(B, M, sum Kt_l, D) predictions of every target cell."""
+        B, M, Kt = target_idx.shape
+        context = self.context(images, context_idx, context_sizes)  # (B, sum Kc_l, D)
+        groups = target_idx if self.predict_per == "block" else target_idx.reshape(B, 1, M * Kt)
+        return self.predictor(context, context_idx, groups).reshape(B, M, Kt, -1)
+
+    def level_losses(self, images, context_idx, target_idx, context_sizes, target_sizes):
+        """{level: loss_l} (tensors with their graphs) for the levels carrying targets."""
+        target = self.targets(images, target_idx, target_sizes)  # (B, M, Kt, D)
+        pred = self.predict(images, context_idx, target_idx, context_sizes)
+        return {level: self.prediction_loss(pred[:, :, part], target[:, :, part])
+                for level, part in level_slices(target_sizes)}
 
     def forward(self, images, context_idx, target_idx, context_sizes, target_sizes):
         """context_idx (B, sum Kc_l), target_idx (B, M, sum Kt_l) in pyramid index space, each level in a
         fixed-length slice (sizes per level; see masks.PyramidMasks). Returns the loss and a log dict."""
-        B, M, Kt = target_idx.shape
-        target = self.targets(images, target_idx)  # (B, M, Kt, D)
-        context = self.context(images, context_idx, context_sizes[0])
-        groups = target_idx if self.predict_per == "block" else target_idx.reshape(B, 1, M * Kt)
-        pred = self.predictor(context, context_idx, groups).reshape(B, M, Kt, -1)
-        loss, info, start = 0.0, {}, 0
-        for level, (size, weight) in enumerate(zip(target_sizes, self.level_weights)):
-            if size == 0:
-                continue
-            level_loss = self.prediction_loss(pred[:, :, start:start + size], target[:, :, start:start + size])
-            loss = loss + weight * level_loss
-            info[f"loss_l{level}"] = level_loss.detach()
-            start += size
-        return loss, {"loss": loss.detach(), **info}
+        losses = self.level_losses(images, context_idx, target_idx, context_sizes, target_sizes)
+        loss = sum(self.level_weights[level] * level_loss for level, level_loss in losses.items())
+        return loss, {"loss": loss.detach(), **{f"loss_l{level}": v.detach() for level, v in losses.items()}}
 
 # ----------------------------------------------------------------------------------------------------
 # Alternatives to the ViT recipe: a ResNet encoder, an MLP predictor, the VICReg terms

@@ -69,9 +69,12 @@ def test_multiblock_sampler_invariants(grid, batch, seed, options):
         return
     n = sampler.num_patches
     assert masks.context_idx.shape == (batch, sampler.num_context)
-    assert masks.target_idx.shape == (batch, max(options["num_targets"], 1), sampler.num_target)
+    assert masks.target_idx.shape[:2] == (batch, max(options["num_targets"], 1))
     check_indices(masks.context_idx, 0, n)
     check_indices(masks.target_idx, 0, n)
+    blocks = torch.zeros(*masks.target_idx.shape[:2], n, dtype=torch.bool).scatter_(-1, masks.target_idx, True)
+    grids = blocks.reshape(*blocks.shape[:2], sampler.grid_h, sampler.grid_w)  # whole rectangles of one size
+    assert torch.equal(grids.sum((-2, -1)), grids.any(-1).sum(-1) * grids.any(-2).sum(-1))
     assert no_overlap(masks.context_idx, masks.target_idx)  # the context never sees a target patch
     assert bool((masks.context_visible >= sampler.num_context).all())
 

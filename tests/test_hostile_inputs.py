@@ -85,7 +85,7 @@ def test_bad_flags_and_values(tmp_path, capsys, flags, message):
 @pytest.mark.parametrize("flags, message", [
     (["--levels", "4"], "cannot make 4 pyramid levels"),  # a 4x4 grid has levels 4x4, 2x2, 1x1 at most
     (["--levels", "2", "--level-weights", "1"], "--level-weights has 1 values for 2 levels"),
-    (["--pool-threshold", "0"], "--pool-threshold must lie in (0, 1]"),
+    (["--coarse-targets", "mean"], "invalid choice: 'mean'"),
 ])
 def test_bad_pyramid_settings(tmp_path, capsys, flags, message):
     out = tmp_path / "out"

@@ -71,7 +71,8 @@ def test_curves_of_a_run_and_of_a_pyramid_run(trained_run, tmp_path, capsys):
     plots.main(["curves", "--run", str(trained_run), "--out", str(tmp_path / "curves.png")])
     assert (tmp_path / "curves.png").read_bytes()[:8] == PNG
     plotted = plots.plot_curves(read_metrics(trained_run / "metrics.jsonl"), tmp_path / "again.png")
-    assert set(plotted) == {"loss", "lr", "weight_decay", "momentum", "monitor_rankme", "monitor_feature_std"}
+    assert set(plotted) == {"loss", "loss_prediction", "lr", "weight_decay", "momentum", "monitor_rankme",
+                            "monitor_feature_std"}  # loss_prediction: the I-JEPA term, logged beside the total
     records = [{"step": s, "epoch": s / 2, "loss": 1.0 / s, "loss_l0": 0.6 / s, "loss_l1": 0.4 / s, "lr": 1e-3}
                for s in range(1, 5)]
     assert plots.plot_curves(records, tmp_path / "pyramid.png")[:3] == ["loss", "loss_l0", "loss_l1"]

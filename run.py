@@ -40,10 +40,8 @@ def make_accelerator(args, **kwargs):
     check_tracker(args.log_with)  # a missing tracker package: one line, before anything starts
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     precision = default_mixed_precision(args.mixed_precision, torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=precision, log_with=args.log_with, project_dir=args.out, cpu=multi_cpu,
-                              **kwargs)
-    accelerator.print(precision_note(accelerator))
-    return accelerator
+    return Accelerator(mixed_precision=precision, log_with=args.log_with, project_dir=args.out, cpu=multi_cpu,
+                       **kwargs)
 
 
 class Run:
@@ -74,6 +72,7 @@ class Run:
                 check_same_model(self.out, config, same_run_keys)
         accelerator.wait_for_everyone()
         step, self.skipped = 0, 0
+        accelerator.print(precision_note(accelerator))  # which arithmetic this machine runs, once all is checked
         if args.resume and latest_checkpoint(self.out):
             path = latest_checkpoint(self.out)
             state = load_checkpoint(accelerator, path)

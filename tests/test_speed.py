@@ -225,9 +225,11 @@ def test_bench_prints_one_json_line_with_the_documented_keys():
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
-    assert {"preset", "device", "batch_size", "image_size", "mode", "precision", "gflops_per_image", "ijepa",
-            "baseline", "speedup", "pijepa", "torch"} <= result.keys()
-    assert result["device"] == "cpu" and result["mode"] == "eager" and result["gflops_per_image"] > 0
+    assert {"preset", "device", "cpu_fast_bf16", "threads", "matmul_tflops", "batch_size", "image_size", "mode",
+            "precision", "gflops_per_image", "ijepa", "baseline", "speedup", "pijepa", "torch"} <= result.keys()
+    assert result["mode"] == "eager" and result["gflops_per_image"] > 0 and result["matmul_tflops"] > 0
+    assert result["precision"] == ("bf16" if result["cpu_fast_bf16"] else "fp32")  # the CPU's fast path
+    assert result["ijepa"]["matmul_fraction"] == pytest.approx(result["ijepa"]["tflops"] / result["matmul_tflops"])
     paths = [result["ijepa"], result["baseline"]] + ([result["pijepa"]] if result["pijepa"] is not None else [])
     for path in paths:
         assert {"images_per_s", "step_ms", "tflops", "mfu", "peak_mem_gib"} <= path.keys()

@@ -439,6 +439,7 @@ def collapse_metrics(features, top_k=10):
 # Precision on the CPU
 
 
+@functools.cache  # the hardware does not change within a process
 def cpu_has_fast_bf16():
     """True where the CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16): there, bf16 matmuls run
     several times faster than fp32. Elsewhere oneDNN emulates bf16 with AVX512/AVX2 and it is slower than fp32

@@ -273,10 +273,10 @@ class Variant:
 def extract(feature_fn, images, transform, batch_size, device, desc="features"):
     """uint8 images (N, 3, S, S) -> dict of (N, ...) float32 CPU tensors, one batch at a time."""
     parts = []
-    for chunk in progress(images.split(batch_size), desc, unit="batch"):
-        with inference_autocast(device):
+    with inference_autocast(device):
+        for chunk in progress(images.split(batch_size), desc, unit="batch"):
             out = feature_fn(transform(chunk.to(device, non_blocking=True)))
-        parts.append({k: v.float().cpu() for k, v in out.items()})
+            parts.append({k: v.float().cpu() for k, v in out.items()})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 

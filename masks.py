@@ -492,7 +492,7 @@ class PyramidMaskSampler(MultiBlockMaskSampler):
             n = math.ceil(1.1 * missing / max(self.acceptance, 0.05)) + 8
             draw = self._draw(n, block_sizes_, generator)
             keep = self._valid(draw, self.context_sizes).nonzero()[:missing, 0]
-            kept.append(map_tensors(draw, lambda t: t[keep]))
+            kept.append(map_nested(draw, lambda t: t[keep]))
             missing -= len(keep)
             if missing == 0:
                 break
@@ -519,19 +519,19 @@ class PyramidMaskSampler(MultiBlockMaskSampler):
                             target_sizes=tuple(target_sizes))
 
 
-def map_tensors(value, fn):
+def map_nested(value, fn):
     """Apply fn to every tensor in nested lists, tuples and dicts (None and other values pass through)."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, dict):
-        return {k: map_tensors(v, fn) for k, v in value.items()}
+        return {k: map_nested(v, fn) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(map_tensors(v, fn) for v in value)
+        return type(value)(map_nested(v, fn) for v in value)
     return value
 
 
 def concat(parts):
-    """Concatenate along dim 0 the matching tensors of several map_tensors-shaped values."""
+    """Concatenate along dim 0 the matching tensors of several map_nested-shaped values."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
         return torch.cat(parts)

@@ -532,7 +532,7 @@ class IJEPA(nn.Module):
         E is the patch embedding on all N patches (2 N C p^2 D when strided), E1 its first convolution (all
         of it when strided); d, D, H the encoder's depth, width and MLP width, dp, P, Hp the predictor's; M
         target blocks of Kt cells; Kc context tokens, of which the encoder sees the Kc_0 fine patches (all
-        of them for I-JEPA; PI-JEPA's coarse context tokens are means of those). A backward pass costs
+        of them for I-JEPA; PyramidIJEPA adds its coarse levels' passes). A backward pass costs
         twice its forward (input and weight gradients), except the images' gradient, which is never
         computed (- E1). This equals torch's FlopCounterMode on a training step with the math attention
         kernel (flash attention's backward also recomputes the scores: not counted). Recomputation under
@@ -545,13 +545,18 @@ class IJEPA(nn.Module):
         _, num_targets, target_tokens = target_idx.shape
         convs = conv_flops(self.encoder.patch_embed, enc.img_size)
         embed = sum(convs)
-        mlp, pred_mlp = int(enc.embed_dim * enc.mlp_ratio), int(pred.pred_dim * pred.mlp_ratio)
+        mlp = int(enc.embed_dim * enc.mlp_ratio)
         target = embed + enc.depth * block_flops(enc.grid_size**2, enc.embed_dim, mlp)
         context = embed + enc.depth * block_flops(encoder_tokens, enc.embed_dim, mlp)
-        predictor = (2 * context_tokens * enc.embed_dim * pred.pred_dim
-                     + num_targets * pred.depth * block_flops(context_tokens + target_tokens, pred.pred_dim, pred_mlp)
-                     + 2 * num_targets * target_tokens * pred.pred_dim * enc.embed_dim)
-        return target + 3 * (context + predictor) - convs[0]
+        return target + 3 * (context + self.predictor_flops(context_tokens, num_targets, target_tokens)) - convs[0]
+
+    def predictor_flops(self, context_tokens, num_targets, target_tokens):
+        """The predictor's forward matmul FLOPs per image: M sequences of Kc context and Kt target tokens."""
+        enc, pred = self.encoder.cfg, self.predictor.cfg
+        pred_mlp = int(pred.pred_dim * pred.mlp_ratio)
+        return (2 * context_tokens * enc.embed_dim * pred.pred_dim
+                + num_targets * pred.depth * block_flops(context_tokens + target_tokens, pred.pred_dim, pred_mlp)
+                + 2 * num_targets * target_tokens * pred.pred_dim * enc.embed_dim)
 
 
 def block_flops(tokens, width, mlp_width):
@@ -693,6 +698,31 @@ class PyramidIJEPA(IJEPA):
         pred = self.predict(images, context_idx, target_idx, context_sizes)
         return {level: self.prediction_loss(pred[:, :, part], target[:, :, part])
                 for level, part in level_slices(target_sizes)}
+
+    def flops_per_image(self, context_idx, target_idx, context_sizes=None, target_sizes=None):
+        """IJEPA.flops_per_image for the pyramid: the context encoder once per level on that level's Kc_l
+        cells (its patch embedding on the whole level image, whose input gradient is never computed); the
+        target encoder on the fine image (pooled coarse targets) or on each target level's image (encoded);
+        the predictor on every level's context and target cells (one sequence per sample with
+        predict_per="sample")."""
+        enc = self.encoder.cfg
+        context_sizes = context_sizes or (context_idx.shape[1],)
+        target_sizes = target_sizes or (target_idx.shape[-1],)
+        mlp = int(enc.embed_dim * enc.mlp_ratio)
+
+        def encoder_pass(level, tokens):  # forward FLOPs, and those of the first convolution
+            convs = conv_flops(self.encoder.patch_embed, enc.img_size // 2**level)
+            return sum(convs) + enc.depth * block_flops(tokens, enc.embed_dim, mlp), convs[0]
+
+        target_levels = [0] if self.coarse_targets == "pooled" else [level for level, _ in level_slices(target_sizes)]
+        target = sum(encoder_pass(level, (enc.grid_size // 2**level) ** 2)[0] for level in target_levels)
+        context = 0
+        for level, _ in level_slices(context_sizes):
+            forward, first_conv = encoder_pass(level, context_sizes[level])
+            context += 3 * forward - first_conv
+        B, M, Kt = target_idx.shape
+        groups, group_tokens = (M, Kt) if self.predict_per == "block" else (1, M * Kt)
+        return target + context + 3 * self.predictor_flops(context_idx.shape[1], groups, group_tokens)
 
     def forward(self, images, context_idx, target_idx, context_sizes, target_sizes):
         """context_idx (B, sum Kc_l), target_idx (B, M, sum Kt_l) in pyramid index space, each level in a

@@ -258,6 +258,22 @@ def test_every_level_loss_trains_the_encoder_and_not_the_target_encoder(strategy
         assert not any(p.requires_grad for p in model.target_encoder.parameters())
 
 
+@pytest.mark.parametrize("strategy", PYRAMID_STRATEGIES)
+@pytest.mark.parametrize("coarse_targets,predict_per", [("pooled", "block"), ("encoded", "sample")])
+def test_flop_formula_counts_every_level_like_torch_flop_counter(strategy, coarse_targets, predict_per):
+    """MFU's numerator for PI-JEPA: the analytic count equals torch's counter on a forward and backward,
+    coarse levels' encoder passes included (math attention, as for IJEPA in test_speed.py)."""
+    from torch.nn.attention import sdpa_kernel, SDPBackend
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_model(levels=3, grid=8, predict_per=predict_per, coarse_targets=coarse_targets).train()
+    masks = sampler(strategy, levels=3).sample(4, torch.Generator().manual_seed(2))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loss, _ = model(torch.randn(4, 3, 32, 32), **masks.model_inputs())
+        loss.backward()
+    assert counter.get_total_flops() == 4 * model.flops_per_image(**masks.model_inputs())
+
+
 def test_level_and_position_embeddings_distinct_per_level():
     predictor = Predictor(PredictorConfig(embed_dim=192, pred_dim=48, depth=1, num_heads=3, grid_size=8, levels=3))
     table = predictor.position_table()

@@ -124,8 +124,6 @@ def run_one(args, env, name, script, flags, epochs):
             stop.set()
             if watcher.is_alive():
                 watcher.join()
-            with open(timing_path, "w") as f:
-                json.dump({"train_seconds": train_seconds}, f)
             evaluate = [sys.executable, "evaluate_embeddings.py", "--no-tsne", "--max-per-class",
                         str(args.max_per_class)]
             started = time.time()

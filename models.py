@@ -502,15 +502,21 @@ class IJEPA(nn.Module):
         prediction = self.prediction_loss(pred, target)
         loss, info = prediction, {"loss_prediction": prediction.detach()}
         if self.vicreg_weight:
-            variance, covariance = vicreg_terms(context.mean(1))  # (B, D) pooled per image
-            loss = loss + self.vicreg_weight * (variance + VICREG_COVARIANCE_RATIO * covariance)
-            info.update(vicreg_variance=variance.detach(), vicreg_covariance=covariance.detach())
+            vicreg, vicreg_info = self.vicreg(context)
+            loss = loss + vicreg
+            info.update(vicreg_info)
         if self.cycle_weight:  # the M*Kt predictions as the context, the context patches as one target group
             back = self.predictor(pred.reshape(B, M * Kt, -1), target_idx.reshape(B, M * Kt), context_idx[:, None])
             cycle = self.prediction_loss(back[:, 0], context_target)  # (B, Kc, D) both
             loss = loss + self.cycle_weight * cycle
             info["loss_cycle"] = cycle.detach()
         return loss, {"loss": loss.detach(), **info}
+
+    def vicreg(self, context):
+        """vicreg_weight x VICReg's terms of the context tokens (B, Kc, D) mean-pooled per image, and their log entries."""
+        variance, covariance = vicreg_terms(context.mean(1))  # (B, D)
+        return (self.vicreg_weight * (variance + VICREG_COVARIANCE_RATIO * covariance),
+                {"vicreg_variance": variance.detach(), "vicreg_covariance": covariance.detach()})
 
     @torch.no_grad()
     def update_target(self, momentum):
@@ -632,15 +638,16 @@ class PyramidIJEPA(IJEPA):
     (pyramid_pool); "encoded" runs the EMA target encoder on every target level's image. Prediction: target
     group m (block m at every target level) is one predictor sequence holding the context of every level,
     so with L = 1 this is exactly IJEPA; predict_per="sample" puts all M groups of a sample in one sequence.
-    Loss: sum over target levels of level_weights[l] * loss_l, each loss_l logged as "loss_l{l}".
+    Loss: sum over target levels of level_weights[l] * loss_l, each loss_l logged as "loss_l{l}", plus
+    IJEPA's VICReg terms (vicreg_weight) on the context tokens of every level pooled together per image.
     """
 
     def __init__(self, encoder_cfg: ViTConfig, predictor_cfg: PredictorConfig, loss="smooth_l1",
-                 level_weights=None, predict_per="block", coarse_targets="pooled"):
+                 level_weights=None, predict_per="block", coarse_targets="pooled", vicreg_weight=0.0):
         if not isinstance(predictor_cfg, PredictorConfig):
             raise ValueError("PI-JEPA needs the transformer predictor (it embeds pyramid levels), not "
                              f"{type(predictor_cfg).__name__}; drop --predictor mlp")
-        super().__init__(encoder_cfg, predictor_cfg, loss)
+        super().__init__(encoder_cfg, predictor_cfg, loss, vicreg_weight=vicreg_weight)
         levels = predictor_cfg.levels
         if predictor_cfg.grid_size != encoder_cfg.grid_size:
             raise ValueError(f"predictor grid {predictor_cfg.grid_size} differs from the encoder's "
@@ -685,17 +692,14 @@ class PyramidIJEPA(IJEPA):
         return torch.cat([self.encoder(self.level_image(images, level), keep=context_idx[:, part] -
                                        self.offsets[level]) for level, part in level_slices(context_sizes)], dim=1)
 
-    def predict(self, images, context_idx, target_idx, context_sizes):
-        """(B, M, sum Kt_l, D) predictions of every target cell."""
+    def predict(self, context, context_idx, target_idx):
+        """(B, M, sum Kt_l, D) predictions of every target cell from the context tokens (B, sum Kc_l, D)."""
         B, M, Kt = target_idx.shape
-        context = self.context(images, context_idx, context_sizes)  # (B, sum Kc_l, D)
         groups = target_idx if self.predict_per == "block" else target_idx.reshape(B, 1, M * Kt)
         return self.predictor(context, context_idx, groups).reshape(B, M, Kt, -1)
 
-    def level_losses(self, images, context_idx, target_idx, context_sizes, target_sizes):
-        """{level: loss_l} (tensors with their graphs) for the levels carrying targets."""
-        target = self.targets(images, target_idx, target_sizes)  # (B, M, Kt, D)
-        pred = self.predict(images, context_idx, target_idx, context_sizes)
+    def level_losses(self, pred, target, target_sizes):
+        """{level: loss_l} for the levels carrying targets (pred and target: (B, M, sum Kt_l, D))."""
         return {level: self.prediction_loss(pred[:, :, part], target[:, :, part])
                 for level, part in level_slices(target_sizes)}
 
@@ -727,9 +731,16 @@ class PyramidIJEPA(IJEPA):
     def forward(self, images, context_idx, target_idx, context_sizes, target_sizes):
         """context_idx (B, sum Kc_l), target_idx (B, M, sum Kt_l) in pyramid index space, each level in a
         fixed-length slice (sizes per level; see masks.PyramidMasks). Returns the loss and a log dict."""
-        losses = self.level_losses(images, context_idx, target_idx, context_sizes, target_sizes)
+        target = self.targets(images, target_idx, target_sizes)  # (B, M, Kt, D)
+        context = self.context(images, context_idx, context_sizes)  # (B, sum Kc_l, D)
+        losses = self.level_losses(self.predict(context, context_idx, target_idx), target, target_sizes)
         loss = sum(self.level_weights[level] * level_loss for level, level_loss in losses.items())
-        return loss, {"loss": loss.detach(), **{f"loss_l{level}": v.detach() for level, v in losses.items()}}
+        info = {f"loss_l{level}": v.detach() for level, v in losses.items()}
+        if self.vicreg_weight:  # on every level's context tokens pooled together: IJEPA's term at L = 1
+            vicreg, vicreg_info = self.vicreg(context)
+            loss = loss + vicreg
+            info.update(vicreg_info)
+        return loss, {"loss": loss.detach(), **info}
 
 # ----------------------------------------------------------------------------------------------------
 # Alternatives to the ViT recipe: a ResNet encoder, an MLP predictor, the VICReg terms

@@ -61,7 +61,7 @@ def default_levels(grid_size):
 
 def finish_pyramid_args(args):
     i_jepa_only = [flag for flag, on in (("--predictor mlp", args.predictor == "mlp"),
-                                         ("--vicreg-weight", args.vicreg_weight), ("--cycle-weight", args.cycle_weight),
+                                         ("--cycle-weight", args.cycle_weight),
                                          ("--target-scale-schedule", args.target_scale_schedule)) if on]
     if i_jepa_only:
         raise UserError(f"{', '.join(i_jepa_only)}: I-JEPA options (train_ijepa.py), not implemented for the "
@@ -79,7 +79,7 @@ def build_model(args):
     encoder_cfg = encoder_config(args)
     return as_user_error(PyramidIJEPA, encoder_cfg, predictor_config(args, encoder_cfg, levels=args.levels),
                          loss=args.loss, level_weights=args.level_weights, predict_per=args.predict_per,
-                         coarse_targets=args.coarse_targets)
+                         coarse_targets=args.coarse_targets, vicreg_weight=args.vicreg_weight)
 
 
 def build_mask_sampler(args, grid_size):

@@ -262,9 +262,9 @@ def test_unsupported_combinations_are_one_line_errors(resnet_run, tmp_path):
     proc = run_script("train_hierarchical_predictor.py", "--backbone", resnet_run, "--dataset", "digits",
                       "--epochs", "1", "--out", tmp_path / "head", "--data-root", tmp_path, check=False)
     assert proc.returncode == 2 and "needs a ViT backbone" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_script("train_pijepa.py", *TINY_TRAIN, "--vicreg-weight", "1", "--out", tmp_path / "pi",
+    proc = run_script("train_pijepa.py", *TINY_TRAIN, "--cycle-weight", "1", "--out", tmp_path / "pi",
                       "--data-root", tmp_path, check=False)
-    assert proc.returncode == 2 and "--vicreg-weight: I-JEPA options" in proc.stderr
+    assert proc.returncode == 2 and "--cycle-weight: I-JEPA options" in proc.stderr
     proc = run_script("train_ijepa.py", *TINY_TRAIN, "--encoder", "resnet", "--out", tmp_path / "r",
                       "--data-root", tmp_path, check=False)
     assert proc.returncode == 2 and "--depth, --heads and --patch-embed set the ViT" in proc.stderr

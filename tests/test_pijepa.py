@@ -184,7 +184,8 @@ def test_rescaled_blocks_break_ties_at_random():
 
 def predictions(model, masks, images):
     with torch.no_grad():
-        return model.predict(images, masks.context_idx, masks.target_idx, masks.context_sizes)
+        context = model.context(images, masks.context_idx, masks.context_sizes)
+        return model.predict(context, masks.context_idx, masks.target_idx)
 
 
 def shown_pixels(masks, grid=8, levels=2):
@@ -246,7 +247,10 @@ def test_coarse_only_pixels_reach_fine_predictions_by_strategy(strategy):
 def test_every_level_loss_trains_the_encoder_and_not_the_target_encoder(strategy):
     model = tiny_model(levels=3, grid=8).train()
     masks = sampler(strategy, levels=3).sample(4, torch.Generator().manual_seed(2))
-    losses = model.level_losses(torch.randn(4, 3, 32, 32), **masks.model_inputs())
+    images = torch.randn(4, 3, 32, 32)
+    pred = model.predict(model.context(images, masks.context_idx, masks.context_sizes), masks.context_idx,
+                         masks.target_idx)
+    losses = model.level_losses(pred, model.targets(images, masks.target_idx, masks.target_sizes), masks.target_sizes)
     assert set(losses) == {level for level, k in enumerate(masks.target_sizes) if k}
     for level, loss in losses.items():
         model.zero_grad(set_to_none=True)
@@ -295,8 +299,10 @@ def test_level_and_position_embeddings_distinct_per_level():
         assert (rows[children].mean(), cols[children].mean()) == (rows[cell], cols[cell])
 
 
-def test_one_level_computes_ijepa_loss():
-    argv = [*TINY_TRAIN, "--seed", "3"]
+@pytest.mark.parametrize("term_flags,term_keys", [([], set()),
+                                                   (["--vicreg-weight", "1"], {"vicreg_variance", "vicreg_covariance"})])
+def test_one_level_computes_ijepa_loss(term_flags, term_keys):
+    argv = [*TINY_TRAIN, "--seed", "3", *term_flags]
     ijepa_args = train_ijepa.parse_args(argv)
     pi_args = train_ijepa.parse_args([*argv, "--levels", "1"], train_pijepa.build_pyramid_parser())
     train_pijepa.finish_pyramid_args(pi_args)
@@ -316,7 +322,7 @@ def test_one_level_computes_ijepa_loss():
     loss_i, _ = ijepa(images, **masks_i.model_inputs())
     loss_p, info = pijepa(images, **masks_p.model_inputs())
     torch.testing.assert_close(loss_p, loss_i, rtol=1e-6, atol=0)
-    assert set(info) == {"loss", "loss_l0"}
+    assert set(info) == {"loss", "loss_l0", *term_keys}
 
 
 def test_levels_not_dividing_the_grid_is_one_line_error(capsys, tmp_path):

@@ -513,7 +513,8 @@ class IJEPA(nn.Module):
         return loss, {"loss": loss.detach(), **info}
 
     def vicreg(self, context):
-        """vicreg_weight x VICReg's terms of the context tokens (B, Kc, D) mean-pooled per image, and their log entries."""
+        """vicreg_weight x VICReg's terms of the context tokens (B, Kc, D) mean-pooled per image, and their
+        log entries."""
         variance, covariance = vicreg_terms(context.mean(1))  # (B, D)
         return (self.vicreg_weight * (variance + VICREG_COVARIANCE_RATIO * covariance),
                 {"vicreg_variance": variance.detach(), "vicreg_covariance": covariance.detach()})

@@ -299,8 +299,10 @@ def test_level_and_position_embeddings_distinct_per_level():
         assert (rows[children].mean(), cols[children].mean()) == (rows[cell], cols[cell])
 
 
-@pytest.mark.parametrize("term_flags,term_keys", [([], set()),
-                                                   (["--vicreg-weight", "1"], {"vicreg_variance", "vicreg_covariance"})])
+VICREG_KEYS = {"vicreg_variance", "vicreg_covariance"}
+
+
+@pytest.mark.parametrize("term_flags,term_keys", [([], set()), (["--vicreg-weight", "1"], VICREG_KEYS)])
 def test_one_level_computes_ijepa_loss(term_flags, term_keys):
     argv = [*TINY_TRAIN, "--seed", "3", *term_flags]
     ijepa_args = train_ijepa.parse_args(argv)

@@ -317,6 +317,16 @@ class PatchEmbed(nn.Module):
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(channels, cfg.embed_dim, 1)
 
+    def init_stem(self):
+        """He (fan-in) init for the stem's convolutions, called after the ViT's init: the image then reaches
+        `proj` at about its own scale, and the tokens at the strided embedding's. At the ViT's std 0.02 the
+        stem shrinks the image ~150x below the strided embedding (~1e-3 against position embeddings of 0.5):
+        the encoder sees little but positions, and I-JEPA collapses within 200 steps (RESULTS.md, study 1)."""
+        for conv in self.stem.modules():
+            if isinstance(conv, nn.Conv2d):
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+
     def forward(self, images):
         return self.proj(self.stem(images)).flatten(2).transpose(1, 2)
 
@@ -347,6 +357,7 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
         self.grad_checkpointing = False
         init_transformer_weights(self, self.blocks)
+        self.patch_embed.init_stem()
 
     def embed(self, images, keep=None):
         """Patch tokens plus position embeddings, then keep only `keep` (B, K) if given."""

@@ -97,6 +97,13 @@ def test_a_token_sees_only_its_own_patch(patch_embed):
 def test_conv_stem_patch_embedding():
     model = VisionTransformer(vit_config("tiny", img_size=32, patch_size=4, depth=1, patch_embed="conv"))
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 64, 192)
+    # The stem passes the image on at the strided embedding's scale (at the ViT's init it was ~150x smaller,
+    # and I-JEPA collapsed onto the position embeddings).
+    strided = VisionTransformer(vit_config("tiny", img_size=32, patch_size=4, depth=1))
+    images = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        ratio = model.patch_embed(images).std() / strided.patch_embed(images).std()
+    assert 0.5 < ratio < 2
     with pytest.raises(ValueError, match="power-of-two"):
         VisionTransformer(vit_config("tiny", img_size=36, patch_size=6, depth=1, patch_embed="conv"))
 

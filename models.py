@@ -276,8 +276,9 @@ def run_blocks(blocks, x, grad_checkpointing=False):
 def init_transformer_weights(module, blocks, std=0.02):
     """The one init: truncated normal for Linear/Conv weights, zero biases, unit LayerNorms, then the
     residual output projections of block i (1-based) divided by sqrt(2 i), as in the official code's
-    `fix_init_weight`, and never overwritten afterwards. The truncation bounds are +-2 in absolute value,
-    as in the official and timm code: at std 0.02 that is a plain normal in practice."""
+    `fix_init_weight`, and never overwritten afterwards (only a conv patch stem's convolutions are, by
+    PatchEmbed.init_stem). The truncation bounds are +-2 in absolute value, as in the official and timm
+    code: at std 0.02 that is a plain normal in practice."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.trunc_normal_(m.weight, std=std)

@@ -261,14 +261,15 @@ def compare_bars(names, results, path):
     width = 0.8 / len(names)
     at = np.arange(len(scale_names))
     retention = {k: [r["scale_robustness"].get(k, {}).get("retention", np.nan) for r in results] for k in scale_names}
-    colours = plt.get_cmap("Set2")  # not the left panel's colours: these are runs, not metrics
+    # Not the left panel's colours (these are runs, not metrics); tab20 once Set2's 8 would repeat.
+    colours = plt.get_cmap("Set2" if len(names) <= 8 else "tab20")
     for i, name in enumerate(names):
         ax_ret.bar(at - 0.4 + width * (i + 0.5), [retention[k][i] for k in scale_names], width, label=name,
                    color=colours(i % colours.N))
     ax_ret.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax_ret.set_xticks(at, [k.replace("_", " ") for k in scale_names], rotation=20, ha="right")
     ax_ret.set_ylabel("retention (top-1 / full-resolution top-1)")
-    ax_ret.legend(fontsize=8)
+    ax_ret.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside the bars, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

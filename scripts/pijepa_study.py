@@ -50,7 +50,8 @@ def build_parser():
     p.add_argument("--strategies", nargs="+", default=list(PYRAMID_STRATEGIES), choices=PYRAMID_STRATEGIES)
     p.add_argument("--workers", type=int, default=2, help="runs at once")
     p.add_argument("--train-flags", default="", help="extra flags for every training run, e.g. '--data-root x'")
-    p.add_argument("--figures", help="also copy the two figures here (e.g. docs/)")
+    p.add_argument("--figures", help="also copy the two figures here (e.g. docs/), named after E "
+                   "(pijepa_study_e2_convergence.png), so studies at other E keep theirs")
     p.add_argument("--smoke", action="store_true", help="digits, 8 images per class, a one-block ViT, E = 1: "
                    "checks the pipeline (the test suite runs it), not PI-JEPA")
     return p
@@ -251,7 +252,7 @@ def main(argv=None):
     if args.figures:
         os.makedirs(args.figures, exist_ok=True)
         for path in figures:
-            shutil.copy(path, os.path.join(args.figures, f"pijepa_study_{os.path.basename(path)}"))
+            shutil.copy(path, os.path.join(args.figures, f"pijepa_study_e{args.epochs}_{os.path.basename(path)}"))
     print(f"{'group':<34} {'seeds':>5} {'probe':>7} {'kNN':>7} {'train min':>9}  retention")
     for group, g in summary["groups"].items():
         retention = " ".join(f"{k} {v['retention']:.2f}" for k, v in g["retention"].items())

@@ -34,7 +34,7 @@ def test_smoke_study_trains_evaluates_and_resumes(tmp_path, capsys):
         assert 0.0 <= r["probe"] <= 1.0 and 0.0 <= r["knn"] <= 1.0 and r["train_seconds"] > 0
     assert "pyramid_2x" in runs["pijepa_coarse_only_1ep_s0"]["retention"]
     assert long_run["snapshots"][0]["retention"] == {}  # the curve's points skip the scale variants
-    for name in ("pijepa_study_convergence.png", "pijepa_study_scale_robustness.png"):
+    for name in ("pijepa_study_e1_convergence.png", "pijepa_study_e1_scale_robustness.png"):
         assert os.path.getsize(tmp_path / "docs" / name) > 1000
 
     commands = train_commands(out)

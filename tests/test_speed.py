@@ -194,6 +194,15 @@ def test_cuda_graphs_are_refused_off_cuda_with_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--cuda-graphs" in proc.stderr
 
 
+def test_compile_without_a_cpu_compiler_is_refused_with_one_line(tmp_path):
+    """Inductor reads CXX when it imports; a compiler that does not exist leaves it none to build CPU kernels."""
+    proc = run_script("train_ijepa.py", *TINY_TRAIN, "--compile", "--out", tmp_path / "run", check=False,
+                      env={"CXX": str(tmp_path / "no-such-c++")})
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "needs a C++ compiler" in proc.stderr and "drop --compile" in proc.stderr
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize("patch_embed", ["strided", "conv"])
 def test_flop_formula_equals_torch_flop_counter(patch_embed):
     """The analytic count against torch's counter on a real forward and backward (math attention, which

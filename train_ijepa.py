@@ -111,7 +111,8 @@ def build_parser(description=__doc__):
                    "fast choice on GPUs)")
 
     g = add_run_arguments(p, "out/ijepa")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (static shapes: compiles once)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (static shapes: compiles once "
+                   "per target block size); 1.35x the images/s on an AMX CPU (README)")
     g.add_argument("--cuda-graphs", action="store_true", help="torch.compile with CUDA graphs (mode "
                    "reduce-overhead): for small models, where kernel launches dominate; CUDA only")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward")

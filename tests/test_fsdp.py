@@ -88,6 +88,11 @@ def worker(mode, out):
         with open(os.path.join(out, "losses.json"), "w") as f:
             json.dump({"losses": losses, "world_size": world,
                        "sharded": type(ijepa.encoder.blocks[0].attn.qkv.weight).__name__}, f)
+    # Both processes leave together, the DDP wrapper (whose reducer holds the process group) first: a rank that
+    # tore down gloo while the other still saved aborted now and then ("terminate called without an active
+    # exception").
+    dist.barrier()
+    del wrapped, ijepa, model
     dist.destroy_process_group()
 
 

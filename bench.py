@@ -43,7 +43,7 @@ import torch
 from common import ArgumentParser, cpu_has_fast_bf16, exit_on_user_error, param_groups
 from data import (IMAGENET_MEAN, IMAGENET_STD, ImageSet, InMemoryBatches, map_tensors, Prefetcher,
                   MASK_SEED_OFFSET, RandomResizedCropFlip, step_generator, UserError)
-from run import check_cuda_graphs, compile_model, peak_tflops
+from run import check_compile, compile_model, peak_tflops
 from train_ijepa import build_mask_sampler, build_model, build_optimizer, build_parser, parse_args
 
 # name: (train_ijepa flags, batch size, mode on CUDA). The comparison shapes.
@@ -280,7 +280,7 @@ def bench(options):
     mode = options.mode or (cuda_mode if device.type == "cuda" else "eager")
     # bf16 where the hardware computes it (GPUs; CPUs with AMX/AVX512-BF16), fp32 on other CPUs
     precision = options.precision or ("bf16" if device.type == "cuda" or cpu_has_fast_bf16() else "fp32")
-    check_cuda_graphs(mode == "cuda-graphs", device)
+    check_compile(mode != "eager", mode == "cuda-graphs", device)
     args = parse_args(flags, build_parser())
     torch.manual_seed(args.seed)
     model = build_model(args)

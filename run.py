@@ -265,24 +265,21 @@ def compile_model(model, cuda_graphs=False):
     8x8, 7 on 14x14, 8 on 16x16; up to ~15 per-level combinations with PI-JEPA). With cuda_graphs, mode
     "reduce-overhead" records the step's kernels as CUDA graphs and replays each with one launch, for small
     models whose steps are bound by kernel launches."""
-    if next(model.parameters()).device.type == "cpu":
-        check_cpu_compiler()
     # Past the recompile limit (8 by default) torch would run the remaining shapes eagerly, unannounced.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     return torch.compile(model, mode="reduce-overhead" if cuda_graphs else "default", dynamic=False)
 
 
-def check_cpu_compiler():
-    """Inductor builds CPU kernels with a C++ compiler; without one the first step would fail deep in a traceback."""
-    from torch._inductor import cpp_builder
-    try:
-        cpp_builder.get_cpp_compiler()
-    except Exception as error:  # torch's InvalidCxxCompiler, whose module has moved between releases
-        raise UserError(f"--compile on the CPU needs a C++ compiler and torch found none ({type(error).__name__}); "
-                        "install g++ (or point CXX at one) or drop --compile") from None
-
-
-def check_cuda_graphs(cuda_graphs, device):
+def check_compile(compiling, cuda_graphs, device):
+    """Start-up checks of --compile and --cuda-graphs, so that a setting that cannot work is refused before data
+    loads, not at the first step."""
     if cuda_graphs and device.type != "cuda":
         raise UserError(f"--cuda-graphs needs a CUDA GPU and this run is on {device.type}; drop it "
                         "(--compile works on any device)")
+    if compiling and device.type == "cpu":  # inductor builds CPU kernels with a C++ compiler
+        from torch._inductor import cpp_builder
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception as error:  # torch's InvalidCxxCompiler, whose module has moved between releases
+            raise UserError(f"--compile on the CPU needs a C++ compiler and torch found none "
+                            f"({type(error).__name__}); install g++ (or point CXX at one) or drop --compile") from None

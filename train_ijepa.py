@@ -27,7 +27,7 @@ from data import (eval_transform, InMemoryBatches, load_split, MASK_SEED_OFFSET,
                   RandomResizedCropFlip, seeded_sample, step_generator, StreamedBatches, UserError)
 from masks import MultiBlockMaskSampler, ScheduledMaskSampler
 from models import IJEPA, MLPPredictorConfig, PredictorConfig, resnet_config, vit_config
-from run import check_cuda_graphs, compile_model, Run
+from run import check_compile, compile_model, Run
 from settings import add_dataset_arguments, add_run_arguments, non_negative_float, parse_settings, positive_int
 
 # Per-dataset defaults: (image size, patch size).
@@ -209,7 +209,7 @@ def train(args, model, sampler, script="train_ijepa"):
     run = Run(args, script, gradient_accumulation_steps=args.grad_accum)  # checks --out before anything loads
     accelerator = run.accelerator
     device, rank, processes = accelerator.device, accelerator.process_index, accelerator.num_processes
-    check_cuda_graphs(args.cuda_graphs, device)
+    check_compile(args.compile or args.cuda_graphs, args.cuda_graphs, device)
 
     # -- data: uint8 images on the device, augmented there in batches; masks drawn ahead on a CPU thread
     augment = RandomResizedCropFlip(args.image_size, scale=args.crop_scale, flip=args.flip)

@@ -20,7 +20,7 @@ from data import (InMemoryBatches, load_split, normalize, open_stream, Prefetche
 from masks import MultiBlockMaskSampler, PyramidMaskSampler
 from models import IJEPA, PredictorConfig, vit_config
 from test_masks import check_invariants
-from run import check_cuda_graphs, compile_model, peak_tflops
+from run import check_compile, compile_model, peak_tflops
 
 
 def tiny_ijepa(patch_embed="strided", img_size=16, depth=1):
@@ -188,8 +188,8 @@ def test_compiled_step_gives_the_eager_loss_and_gradients():
 
 def test_cuda_graphs_are_refused_off_cuda_with_one_line(tmp_path):
     with pytest.raises(UserError, match="--cuda-graphs needs a CUDA GPU"):
-        check_cuda_graphs(True, torch.device("cpu"))
-    check_cuda_graphs(False, torch.device("cpu"))
+        check_compile(True, True, torch.device("cpu"))
+    check_compile(False, False, torch.device("cpu"))
     proc = run_script("train_ijepa.py", *TINY_TRAIN, "--cuda-graphs", "--out", tmp_path / "run", check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--cuda-graphs" in proc.stderr
 

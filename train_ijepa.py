@@ -239,9 +239,6 @@ def train(args, model, sampler, script="train_ijepa"):
     if args.target_scale_schedule:  # a pure function of the step, like the other schedules: resume is exact
         sampler_at = as_user_error(ScheduledMaskSampler, sampler, args.target_scale_schedule, total_steps).at
     # Mask settings that leave too little context fail in the sampler's redraws: here, not mid-run.
-    sampler_at = lambda step: sampler  # the mask settings of a step
-    if args.target_scale_schedule:  # a pure function of the step, like the other schedules: resume is exact
-        sampler_at = as_user_error(ScheduledMaskSampler, sampler, args.target_scale_schedule, total_steps).at
     for first_or_last in (0, total_steps):
         as_user_error(lambda: sampler_at(first_or_last).sample(args.batch_size,
                                                                step_generator(args.seed + MASK_SEED_OFFSET, 0)))

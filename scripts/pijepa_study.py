@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common import is_complete  # noqa: E402
 from masks import PYRAMID_STRATEGIES  # noqa: E402
 import plots  # noqa: E402
 
@@ -84,7 +85,8 @@ def keep_snapshots(run_dir, stop):
     def scan():
         for name in sorted(os.listdir(checkpoints)) if os.path.isdir(checkpoints) else []:
             snapshot, weights = os.path.join(snapshots, name), os.path.join(checkpoints, name, "model.safetensors")
-            if not name.startswith("step_") or os.path.isdir(snapshot) or not os.path.isfile(weights):
+            # Only the trainer's finished checkpoints: a step_N.tmp folder being written has its weights first.
+            if not is_complete(checkpoints, name) or os.path.isdir(snapshot):
                 continue
             with safe_open(os.path.join(run_dir, "model.safetensors"), "pt") as f:
                 metadata = {**f.metadata(), "step": str(int(name.split("_")[1]))}

@@ -467,10 +467,13 @@ class IJEPA(nn.Module):
                      a token-level variance target while the images share one direction.
       cycle_weight   cycle consistency: the predictor, given its own predictions at the target positions
                      as context, predicts the context patches back; the loss compares that with the target
-                     encoder's tokens there (the space the predictor predicts into, no gradient)."""
+                     encoder's tokens there (the space the predictor predicts into, no gradient).
+
+    target_layers K > 1 makes the targets the mean of the target encoder's last K blocks' outputs (each through
+    the final LayerNorm and layer-normed, then the mean layer-normed again), data2vec's targets; 1 is I-JEPA's."""
 
     def __init__(self, encoder_cfg: ViTConfig, predictor_cfg: PredictorConfig, loss="smooth_l1",
-                 vicreg_weight=0.0, cycle_weight=0.0):
+                 vicreg_weight=0.0, cycle_weight=0.0, target_layers=1):
         super().__init__()
         if loss not in ("smooth_l1", "mse"):
             raise ValueError(f"unknown loss {loss!r}; use 'smooth_l1' or 'mse'")
@@ -480,18 +483,30 @@ class IJEPA(nn.Module):
                              "build it with PredictorConfig.for_encoder(encoder_cfg)")
         if not (vicreg_weight >= 0 and cycle_weight >= 0):
             raise ValueError(f"the VICReg and cycle weights must be >= 0, got {vicreg_weight} and {cycle_weight}")
+        blocks = getattr(encoder_cfg, "depth", 1)  # a ResNet gives its last stage only
+        if not 1 <= target_layers <= blocks:
+            raise ValueError(f"--target-layers {target_layers}: the encoder has {blocks} block(s) to average; "
+                             f"use 1 to {blocks}")
         self.loss_name = loss
-        self.vicreg_weight, self.cycle_weight = vicreg_weight, cycle_weight
+        self.vicreg_weight, self.cycle_weight, self.target_layers = vicreg_weight, cycle_weight, target_layers
         self.encoder = make_encoder(encoder_cfg)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.predictor = make_predictor(predictor_cfg)
 
     @torch.no_grad()
+    def target_tokens(self, images):
+        """Layer-normed (no affine) target-encoder tokens of the whole image (B, N, D), no gradient: the last
+        block's, or the mean of the last target_layers blocks' (see the class docstring)."""
+        if self.target_layers == 1:
+            h = self.target_encoder(images)
+            return F.layer_norm(h, h.shape[-1:])
+        layers = self.target_encoder.forward_intermediates(images, range(-self.target_layers, 0))
+        h = torch.stack([F.layer_norm(h, h.shape[-1:]) for h in layers]).mean(0)
+        return F.layer_norm(h, h.shape[-1:])
+
     def targets(self, images, target_idx):
-        """Layer-normed (no affine) target-encoder tokens at target_idx: (B, M, Kt, D), no gradient."""
-        h = self.target_encoder(images)
-        h = F.layer_norm(h, h.shape[-1:])
-        return gather_tokens(h, target_idx)
+        """Target tokens at target_idx: (B, M, Kt, D), no gradient."""
+        return gather_tokens(self.target_tokens(images), target_idx)
 
     def context(self, images, context_idx):
         """Context tokens (B, Kc, D) at pyramid cells context_idx; the encoder sees only those patches."""
@@ -656,11 +671,12 @@ class PyramidIJEPA(IJEPA):
     """
 
     def __init__(self, encoder_cfg: ViTConfig, predictor_cfg: PredictorConfig, loss="smooth_l1",
-                 level_weights=None, predict_per="block", coarse_targets="pooled", vicreg_weight=0.0):
+                 level_weights=None, predict_per="block", coarse_targets="pooled", vicreg_weight=0.0,
+                 target_layers=1):
         if not isinstance(predictor_cfg, PredictorConfig):
             raise ValueError("PI-JEPA needs the transformer predictor (it embeds pyramid levels), not "
                              f"{type(predictor_cfg).__name__}; drop --predictor mlp")
-        super().__init__(encoder_cfg, predictor_cfg, loss, vicreg_weight=vicreg_weight)
+        super().__init__(encoder_cfg, predictor_cfg, loss, vicreg_weight=vicreg_weight, target_layers=target_layers)
         levels = predictor_cfg.levels
         if predictor_cfg.grid_size != encoder_cfg.grid_size:
             raise ValueError(f"predictor grid {predictor_cfg.grid_size} differs from the encoder's "
@@ -689,13 +705,12 @@ class PyramidIJEPA(IJEPA):
         """Layer-normed target tokens at pyramid cells target_idx (B, M, sum Kt_l): (B, M, Kt, D), no gradient."""
         target_sizes = target_sizes or (target_idx.shape[-1],)
         if self.coarse_targets == "pooled":
-            h = self.target_encoder(images)
-            h = pyramid_pool(F.layer_norm(h, h.shape[-1:]), self.encoder.cfg.grid_size, self.levels)
+            h = pyramid_pool(self.target_tokens(images), self.encoder.cfg.grid_size, self.levels)
             return gather_tokens(h, target_idx)
         parts = []
         for level, part in level_slices(target_sizes):
-            h = self.target_encoder(self.level_image(images, level))  # (B, (G/2^l)^2, D)
-            parts.append(gather_tokens(F.layer_norm(h, h.shape[-1:]), target_idx[..., part] - self.offsets[level]))
+            h = self.target_tokens(self.level_image(images, level))  # (B, (G/2^l)^2, D)
+            parts.append(gather_tokens(h, target_idx[..., part] - self.offsets[level]))
         return torch.cat(parts, dim=2)
 
     def context(self, images, context_idx, context_sizes=None):

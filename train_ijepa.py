@@ -82,6 +82,8 @@ def build_parser(description=__doc__):
                    "and covariance terms on the context encoder's per-image pooled tokens (0: off)")
     g.add_argument("--cycle-weight", type=non_negative_float, default=0.0, help="weight of the cycle term: the "
                    "predictor predicts the context back from its own target predictions (0: off)")
+    g.add_argument("--target-layers", type=positive_int, default=1, help="targets: the mean of the target "
+                   "encoder's last K blocks' outputs, each layer-normed (data2vec); 1: the last block (I-JEPA)")
 
     g = p.add_argument_group("masks")
     g.add_argument("--num-targets", type=positive_int, default=4)
@@ -177,8 +179,9 @@ def predictor_config(args, encoder_cfg, levels=1):
 
 def build_model(args):
     encoder_cfg = encoder_config(args)
-    return IJEPA(encoder_cfg, predictor_config(args, encoder_cfg), loss=args.loss, vicreg_weight=args.vicreg_weight,
-                 cycle_weight=args.cycle_weight)
+    return as_user_error(IJEPA, encoder_cfg, predictor_config(args, encoder_cfg), loss=args.loss,
+                         vicreg_weight=args.vicreg_weight, cycle_weight=args.cycle_weight,
+                         target_layers=args.target_layers)
 
 
 def build_mask_sampler(args, grid_size):

@@ -79,7 +79,8 @@ def build_model(args):
     encoder_cfg = encoder_config(args)
     return as_user_error(PyramidIJEPA, encoder_cfg, predictor_config(args, encoder_cfg, levels=args.levels),
                          loss=args.loss, level_weights=args.level_weights, predict_per=args.predict_per,
-                         coarse_targets=args.coarse_targets, vicreg_weight=args.vicreg_weight)
+                         coarse_targets=args.coarse_targets, vicreg_weight=args.vicreg_weight,
+                         target_layers=args.target_layers)
 
 
 def build_mask_sampler(args, grid_size):

@@ -1,4 +1,5 @@
-"""The optional recipe pieces: ResNet encoder, MLP predictor, VICReg and cycle terms, target-scale schedule.
+"""The optional recipe pieces: ResNet encoder, MLP predictor, VICReg and cycle terms, target-scale schedule,
+multi-layer targets.
 
 Masking of the ResNet (no hidden pixel reaches the context), torchvision parity, gradients, the VICReg
 terms against their definition, the schedule as a pure function of the step, and end to end: exact
@@ -9,11 +10,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import run_script, TINY_TRAIN
 from masks import MultiBlockMaskSampler, ScheduledMaskSampler, scheduled_target_scale
 from models import (IJEPA, MLPPredictor, MLPPredictorConfig, PredictorConfig, ResNetConfig, ResNetEncoder,
-                    load_encoder, load_predictor, resnet_config, resnet_stage_strides, vicreg_terms, vit_config)
+                    gather_tokens, load_encoder, load_predictor, resnet_config, resnet_stage_strides, vicreg_terms, vit_config)
 from test_train import assert_same_weights
 
 SMALL_RESNET = ["--encoder", "resnet", "--resnet-width", "16", "--resnet-layers", "1", "1", "1", "1"]
@@ -142,6 +144,34 @@ def test_the_optional_terms_are_off_by_default_and_leave_the_loss_alone():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Multi-layer targets
+
+
+def test_target_layers_average_the_last_blocks_as_defined():
+    """target_layers K: the mean of the last K blocks' outputs, each through the final LayerNorm and
+    layer-normed, layer-normed again; K = 1 is I-JEPA's target, bit for bit."""
+    torch.manual_seed(0)
+    enc = vit_config("tiny", img_size=32, patch_size=8, depth=3)
+    pred = PredictorConfig(embed_dim=enc.embed_dim, pred_dim=48, depth=1, num_heads=3, grid_size=4)
+    one, two = IJEPA(enc, pred), IJEPA(enc, pred, target_layers=2)
+    two.load_state_dict(one.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    target = one.target_encoder
+    assert torch.equal(one.target_tokens(images), F.layer_norm(target(images), (enc.embed_dim,)))
+    x, outputs = target.embed(images), []
+    for block in target.blocks:
+        x = block(x)
+        outputs.append(F.layer_norm(target.norm(x), (enc.embed_dim,)))
+    expected = F.layer_norm((outputs[-2] + outputs[-1]) / 2, (enc.embed_dim,))
+    torch.testing.assert_close(two.target_tokens(images), expected, rtol=1e-5, atol=1e-5)
+    assert (two.target_tokens(images) - one.target_tokens(images)).abs().mean() > 0.005  # ~0.02 at init
+    idx = MultiBlockMaskSampler(4, num_targets=2, min_keep=4).sample(2, torch.Generator().manual_seed(0)).target_idx
+    assert torch.equal(two.targets(images, idx), gather_tokens(two.target_tokens(images), idx))
+    with pytest.raises(ValueError, match="--target-layers 4: the encoder has 3 block"):
+        IJEPA(enc, pred, target_layers=4)
+
+
+# ----------------------------------------------------------------------------------------------------
 # VICReg
 
 
@@ -225,9 +255,10 @@ def resnet_run(tmp_path_factory):
 @pytest.mark.parametrize("encoder", ["resnet", "vit"])
 def test_resume_is_bit_identical_with_every_option_on(tmp_path, resnet_run, encoder):
     """Stopped after step 5 and resumed: the same weights as the uninterrupted run, for the ResNet with the
-    MLP predictor and for the ViT with the transformer predictor, VICReg, cycle and schedule on in both."""
+    MLP predictor and for the ViT with the transformer predictor, VICReg, cycle and schedule on in both
+    (and two-layer targets in the ViT's)."""
     base = [*TINY_TRAIN_RESNET, *SMALL_RESNET, *EVERY_OPTION] if encoder == "resnet" else [
-        *TINY_TRAIN, *EVERY_OPTION[2:]]
+        *TINY_TRAIN, *EVERY_OPTION[2:], "--target-layers", "2"]
     reference = resnet_run
     if encoder == "vit":
         reference = tmp_path / "uninterrupted"
@@ -268,3 +299,6 @@ def test_unsupported_combinations_are_one_line_errors(resnet_run, tmp_path):
     proc = run_script("train_ijepa.py", *TINY_TRAIN, "--encoder", "resnet", "--out", tmp_path / "r",
                       "--data-root", tmp_path, check=False)
     assert proc.returncode == 2 and "--depth, --heads and --patch-embed set the ViT" in proc.stderr
+    proc = run_script("train_ijepa.py", *TINY_TRAIN, "--target-layers", "3", "--out", tmp_path / "t",
+                      "--data-root", tmp_path, check=False)
+    assert proc.returncode == 2 and "--target-layers 3: the encoder has 2 block(s)" in proc.stderr

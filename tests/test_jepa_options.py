@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from conftest import run_script, TINY_TRAIN
 from masks import MultiBlockMaskSampler, ScheduledMaskSampler, scheduled_target_scale
 from models import (IJEPA, MLPPredictor, MLPPredictorConfig, PredictorConfig, ResNetConfig, ResNetEncoder,
-                    gather_tokens, load_encoder, load_predictor, resnet_config, resnet_stage_strides, vicreg_terms, vit_config)
+                    gather_tokens, load_encoder, load_predictor, resnet_config, resnet_stage_strides, vicreg_terms,
+                    vit_config)
 from test_train import assert_same_weights
 
 SMALL_RESNET = ["--encoder", "resnet", "--resnet-width", "16", "--resnet-layers", "1", "1", "1", "1"]

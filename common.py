@@ -381,24 +381,93 @@ def linear_ramp(step, total, start, end):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Optimiser parameter groups
+# Optimisers
 
 NO_DECAY_NAMES = ("pos_embed", "mask_token", "level_embed")
 
 
-def param_groups(module, weight_decay):
-    """Two groups: weight decay on matrices, none on biases, norms, position/level embeddings and
-    mask tokens. The groups partition the trainable parameters (asserted)."""
-    decay, no_decay = [], []
+def param_groups(module, weight_decay, muon=False):
+    """Weight decay on matrices, none on biases, norms, position/level embeddings and mask tokens. With
+    muon, the hidden matrices (2-D weights inside transformer blocks) get a group of their own, marked for
+    MuonAdamW; the input and output maps stay with AdamW, as Muon's authors advise. The groups partition
+    the trainable parameters (asserted)."""
+    hidden, decay, no_decay = [], [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim < 2 or any(key in name for key in NO_DECAY_NAMES)
-        (no_decay if skip else decay).append(p)
+        is_hidden = muon and p.ndim == 2 and "blocks." in name
+        (no_decay if skip else hidden if is_hidden else decay).append(p)
     trainable = [p for p in module.parameters() if p.requires_grad]
-    assert len(decay) + len(no_decay) == len(trainable)
-    return [{"params": decay, "weight_decay": weight_decay, "apply_wd": True},
-            {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
+    assert len(hidden) + len(decay) + len(no_decay) == len(trainable)
+    groups = [{"params": decay, "weight_decay": weight_decay, "apply_wd": True},
+              {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
+    return [{"params": hidden, "weight_decay": weight_decay, "apply_wd": True, "muon": True}] + groups if muon \
+        else groups
+
+
+def orthogonalize(matrix, steps=5):
+    """The semi-orthogonal matrix nearest `matrix` (U V^T of its SVD), approximately: a quintic Newton-Schulz
+    iteration whose coefficients push every singular value into [0.7, 1.2] in five steps (Jordan et al. 2024),
+    in bf16 where the hardware multiplies it fast."""
+    fast_bf16 = matrix.is_cuda or (matrix.device.type == "cpu" and cpu_has_fast_bf16())
+    x = matrix.to(torch.bfloat16 if fast_bf16 else torch.float32)
+    tall = x.size(0) > x.size(1)
+    x = x.mT if tall else x  # iterate on the smaller Gram matrix
+    x = x / (x.norm() + 1e-7)  # singular values <= 1, where the iteration converges
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(matrix.dtype)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024) on the groups marked muon=True, AdamW (Loshchilov & Hutter) on the others:
+    one optimiser, so that Accelerate, checkpoints and the lr and weight-decay schedules see one object.
+
+    Muon keeps Nesterov momentum of a hidden matrix's gradient and steps along its orthogonalisation: every
+    direction of the update gets the same size, where AdamW's follow the gradient's few dominant ones. The
+    step is scaled by 0.2 sqrt(max(rows, cols)), which gives it AdamW's typical update size (Liu et al. 2025,
+    "Muon is scalable"), so the same lr and decoupled weight decay serve both kinds of parameter."""
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, momentum=0.95, ns_steps=5):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, momentum=momentum,
+                                      ns_steps=ns_steps, muon=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, weight_decay = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = self._muon(p, group) if group["muon"] else self._adamw(p, group)
+                p.mul_(1 - lr * weight_decay).add_(update, alpha=-lr)
+        return loss
+
+    def _muon(self, p, group):
+        state, beta = self.state[p], group["momentum"]
+        if not state:
+            state["momentum"] = torch.zeros_like(p)
+        state["momentum"].lerp_(p.grad, 1 - beta)
+        nesterov = p.grad.lerp(state["momentum"], beta)
+        return orthogonalize(nesterov, group["ns_steps"]) * (0.2 * max(p.shape) ** 0.5)
+
+    def _adamw(self, p, group):
+        state, (beta1, beta2) = self.state[p], group["betas"]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+        state["step"] += 1
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+        return state["exp_avg"] / denom / (1 - beta1 ** state["step"])
 
 
 def set_optimizer_values(optimizer, lr, weight_decay):

@@ -22,7 +22,7 @@ from dataclasses import asdict
 import torch
 
 from common import (ArgumentParser, as_user_error, collapse_metrics, cosine_ramp, exit_on_user_error, linear_ramp,
-                    param_groups, set_optimizer_values, warmup_cosine)
+                    MuonAdamW, param_groups, set_optimizer_values, warmup_cosine)
 from data import (eval_transform, InMemoryBatches, load_split, MASK_SEED_OFFSET, open_stream, Prefetcher,
                   RandomResizedCropFlip, seeded_sample, step_generator, StreamedBatches, UserError)
 from masks import MultiBlockMaskSampler, ScheduledMaskSampler
@@ -107,6 +107,8 @@ def build_parser(description=__doc__):
     g.add_argument("--weight-decay", type=non_negative_float, default=0.04)
     g.add_argument("--final-weight-decay", type=non_negative_float, default=0.4)
     g.add_argument("--ema", type=float, nargs=2, default=(0.996, 1.0), help="EMA momentum start, end")
+    g.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"), help="muon: Muon on the hidden "
+                   "matrices, AdamW on the rest, at the same lr and weight decay (common.MuonAdamW)")
     g.add_argument("--grad-clip", type=non_negative_float, default=0.0, help="max grad norm (0: off)")
     g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
                    help="default: accelerate's config, else bf16 on CPUs with AMX/AVX512-BF16 (bf16 is also the "
@@ -191,7 +193,9 @@ def build_mask_sampler(args, grid_size):
 
 
 def build_optimizer(model, args, device):
-    """AdamW on param_groups; fused (one kernel for all parameters) on CUDA."""
+    """AdamW on param_groups, fused (one kernel for all parameters) on CUDA; or Muon and AdamW in one."""
+    if args.optimizer == "muon":
+        return MuonAdamW(param_groups(model, args.weight_decay, muon=True), lr=args.lr)
     return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=device.type == "cuda")
 
 

@@ -414,11 +414,11 @@ def orthogonalize(matrix, steps=5):
     x = matrix.to(torch.bfloat16 if fast_bf16 else torch.float32)
     tall = x.size(0) > x.size(1)
     x = x.mT if tall else x  # iterate on the smaller Gram matrix
-    x = x / (x.norm() + 1e-7)  # singular values <= 1, where the iteration converges
+    x = x / x.norm().clamp(min=1e-7)  # singular values <= 1, where the iteration converges
     a, b, c = 3.4445, -4.7750, 2.0315
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b G + c G^2) x
     return (x.mT if tall else x).to(matrix.dtype)
 
 

@@ -257,9 +257,9 @@ def resnet_run(tmp_path_factory):
 def test_resume_is_bit_identical_with_every_option_on(tmp_path, resnet_run, encoder):
     """Stopped after step 5 and resumed: the same weights as the uninterrupted run, for the ResNet with the
     MLP predictor and for the ViT with the transformer predictor, VICReg, cycle and schedule on in both
-    (and two-layer targets in the ViT's)."""
+    (and two-layer targets and Muon in the ViT's)."""
     base = [*TINY_TRAIN_RESNET, *SMALL_RESNET, *EVERY_OPTION] if encoder == "resnet" else [
-        *TINY_TRAIN, *EVERY_OPTION[2:], "--target-layers", "2"]
+        *TINY_TRAIN, *EVERY_OPTION[2:], "--target-layers", "2", "--optimizer", "muon"]
     reference = resnet_run
     if encoder == "vit":
         reference = tmp_path / "uninterrupted"

@@ -256,6 +256,9 @@ def train(args, model, sampler, script="train_ijepa"):
     # -- model and optimiser
     if args.grad_checkpointing:
         model.encoder.grad_checkpointing = model.predictor.grad_checkpointing = True
+    if args.optimizer == "muon" and accelerator.distributed_type == "FSDP":  # DistributedType is a str enum
+        raise UserError("--optimizer muon orthogonalises whole matrices, which FSDP shards: use --optimizer adamw "
+                        "with FSDP (DDP runs Muon)")
     optimizer = build_optimizer(model, args, device)
     model, optimizer = accelerator.prepare(model, optimizer)  # its forward now runs under --mixed-precision
     raw_model = accelerator.unwrap_model(model)  # saving, EMA and FLOPs: parameter names without wrappers

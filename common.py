@@ -407,20 +407,21 @@ def param_groups(module, weight_decay, muon=False):
     return groups
 
 
-def orthogonalize(matrix, steps=5):
-    """The semi-orthogonal matrix nearest `matrix` (U V^T of its SVD), approximately: a quintic Newton-Schulz
-    iteration whose coefficients bring every singular value close to one (not exactly: speed over precision,
-    which costs Muon nothing) in five steps (Jordan et al. 2024), in bf16 where the hardware multiplies it fast."""
-    fast_bf16 = matrix.is_cuda or (matrix.device.type == "cpu" and cpu_has_fast_bf16())
-    x = matrix.to(torch.bfloat16 if fast_bf16 else torch.float32)
-    tall = x.size(0) > x.size(1)
+def orthogonalize(matrices, steps=5):
+    """The semi-orthogonal matrix nearest each matrix of a (..., rows, cols) stack (U V^T of its SVD),
+    approximately: a quintic Newton-Schulz iteration whose coefficients bring every singular value close to
+    one (not exactly: speed over precision, which costs Muon nothing) in five steps (Jordan et al. 2024), in
+    bf16 where the hardware multiplies it fast. A stack of same-shape matrices costs less than each alone."""
+    fast_bf16 = matrices.is_cuda or (matrices.device.type == "cpu" and cpu_has_fast_bf16())
+    x = matrices.reshape(-1, *matrices.shape[-2:]).to(torch.bfloat16 if fast_bf16 else torch.float32)
+    tall = x.size(1) > x.size(2)
     x = x.mT if tall else x  # iterate on the smaller Gram matrix
-    x = x / x.norm().clamp(min=1e-7)  # singular values <= 1, where the iteration converges
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=1e-7)  # singular values <= 1, where the iteration converges
     a, b, c = 3.4445, -4.7750, 2.0315
     for _ in range(steps):
         gram = x @ x.mT
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b G + c G^2) x
-    return (x.mT if tall else x).to(matrix.dtype)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b G + c G^2) x
+    return (x.mT if tall else x).reshape(matrices.shape).to(matrices.dtype)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -444,20 +445,26 @@ class MuonAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, weight_decay = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = self._muon(p, group) if group["muon"] else self._adamw(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            updates = self._muon(params, group) if group["muon"] else [self._adamw(p, group) for p in params]
+            for p, update in zip(params, updates):
                 p.mul_(1 - lr * weight_decay).add_(update, alpha=-lr)
         return loss
 
-    def _muon(self, p, group):
-        state, beta = self.state[p], group["momentum"]
-        if not state:
-            state["momentum"] = torch.zeros_like(p)
-        state["momentum"].lerp_(p.grad, 1 - beta)
-        nesterov = p.grad.lerp(state["momentum"], beta)
-        return orthogonalize(nesterov, group["ns_steps"]) * (0.2 * max(p.shape) ** 0.5)
+    def _muon(self, params, group):
+        """Nesterov momentum, orthogonalised: the matrices of one shape together, in one batched iteration."""
+        beta, by_shape = group["momentum"], {}
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum"] = torch.zeros_like(p)
+            state["momentum"].lerp_(p.grad, 1 - beta)
+            by_shape.setdefault(p.shape, []).append(p)
+        updates = {}
+        for shape, same in by_shape.items():
+            nesterov = torch.stack([p.grad.lerp(self.state[p]["momentum"], beta) for p in same])
+            updates.update(zip(same, orthogonalize(nesterov, group["ns_steps"]) * (0.2 * max(shape) ** 0.5)))
+        return [updates[p] for p in params]
 
     def _adamw(self, p, group):
         state, (beta1, beta2) = self.state[p], group["betas"]

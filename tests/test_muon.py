@@ -26,6 +26,18 @@ def test_orthogonalize_keeps_the_singular_vectors_and_pulls_the_singular_values_
     assert orthogonalize(matrix).shape == matrix.shape
 
 
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_orthogonalize_on_a_stack_equals_each_matrix_alone(monkeypatch, fast_bf16):
+    """MuonAdamW iterates on the matrices of one shape as one stack: the same as one at a time, each scaled
+    by its own norm (a stack of very different scales)."""
+    monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: fast_bf16)
+    generator = torch.Generator().manual_seed(0)
+    stack = torch.randn(3, 48, 16, generator=generator) * torch.tensor([1e-3, 1.0, 50.0]).view(3, 1, 1)
+    alone = torch.stack([orthogonalize(matrix) for matrix in stack])
+    torch.testing.assert_close(orthogonalize(stack), alone, rtol=0, atol=1e-2 if fast_bf16 else 1e-5)
+    assert orthogonalize(stack.view(3, 1, 48, 16)).shape == (3, 1, 48, 16)
+
+
 def test_only_the_hidden_matrices_get_muon():
     model = build_model(parse_args(TINY_TRAIN))
     names = {id(p): n for n, p in model.named_parameters()}

@@ -446,13 +446,13 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, weight_decay = group["lr"], group["weight_decay"]
             params = [p for p in group["params"] if p.grad is not None]
-            updates = self._muon(params, group) if group["muon"] else [self._adamw(p, group) for p in params]
-            for p, update in zip(params, updates):
+            updates = self._muon(params, group) if group["muon"] else [(p, self._adamw(p, group)) for p in params]
+            for p, update in updates:
                 p.mul_(1 - lr * weight_decay).add_(update, alpha=-lr)
         return loss
 
     def _muon(self, params, group):
-        """Nesterov momentum, orthogonalised: the matrices of one shape together, in one batched iteration."""
+        """(parameter, update) pairs: Nesterov momentum, orthogonalised, the matrices of one shape in one batch."""
         beta, by_shape = group["momentum"], {}
         for p in params:
             state = self.state[p]
@@ -460,11 +460,11 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["momentum"] = torch.zeros_like(p)
             state["momentum"].lerp_(p.grad, 1 - beta)
             by_shape.setdefault(p.shape, []).append(p)
-        updates = {}
+        updates = []
         for shape, same in by_shape.items():
             nesterov = torch.stack([p.grad.lerp(self.state[p]["momentum"], beta) for p in same])
-            updates.update(zip(same, orthogonalize(nesterov, group["ns_steps"]) * (0.2 * max(shape) ** 0.5)))
-        return [updates[p] for p in params]
+            updates += zip(same, orthogonalize(nesterov, group["ns_steps"]) * (0.2 * max(shape) ** 0.5))
+        return updates
 
     def _adamw(self, p, group):
         state, (beta1, beta2) = self.state[p], group["betas"]

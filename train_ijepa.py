@@ -109,6 +109,7 @@ def build_parser(description=__doc__):
     g.add_argument("--ema", type=float, nargs=2, default=(0.996, 1.0), help="EMA momentum start, end")
     g.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"), help="muon: Muon on the hidden "
                    "matrices, AdamW on the rest, at the same lr and weight decay (common.MuonAdamW)")
+    g.add_argument("--muon-momentum", type=float, default=0.95, help="Muon's Nesterov momentum (--optimizer muon)")
     g.add_argument("--grad-clip", type=non_negative_float, default=0.0, help="max grad norm (0: off)")
     g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
                    help="default: accelerate's config, else bf16 on CPUs with AMX/AVX512-BF16 (bf16 is also the "
@@ -154,6 +155,8 @@ def finish_args(args):
         raise UserError("--vicreg-weight needs --batch-size >= 2: its variance is measured across the batch")
     if not 0 <= args.ema[0] <= args.ema[1] <= 1:
         raise UserError(f"--ema must satisfy 0 <= start <= end <= 1, got {args.ema[0]} {args.ema[1]}")
+    if not 0 <= args.muon_momentum < 1:
+        raise UserError(f"--muon-momentum must satisfy 0 <= momentum < 1, got {args.muon_momentum}")
     # AdamW's step computes lr / (1 - beta1^t) and lr * weight decay in float32: beyond this they overflow.
     if max(args.lr, args.start_lr, args.final_lr) * max(1.0, args.weight_decay, args.final_weight_decay) > 1e30:
         raise UserError(f"--lr {args.lr} (or --start-lr, --final-lr, times the weight decay) is beyond 1e30; "
@@ -195,7 +198,7 @@ def build_mask_sampler(args, grid_size):
 def build_optimizer(model, args, device):
     """AdamW on param_groups, fused (one kernel for all parameters) on CUDA; or Muon and AdamW in one."""
     if args.optimizer == "muon":
-        return MuonAdamW(param_groups(model, args.weight_decay, muon=True), lr=args.lr)
+        return MuonAdamW(param_groups(model, args.weight_decay, muon=True), lr=args.lr, momentum=args.muon_momentum)
     return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=device.type == "cuda")
 
 

@@ -57,6 +57,7 @@ def assert_nothing_written(out):
     (["--crop-scale", "nan", "1"], "--crop-scale must satisfy"),
     (["--target-aspect", "0", "1"], "target_aspect must satisfy"),
     (["--ema", "0.9", "1.1"], "--ema must satisfy"),
+    (["--muon-momentum", "1"], "--muon-momentum must satisfy 0 <= momentum < 1, got 1.0"),
     (["--lr", "nan"], "argument --lr: must be a finite number >= 0, got nan"),
     (["--lr=-1e-3"], "argument --lr: must be a finite number >= 0"),
     (["--lr", "1e38"], "AdamW would overflow"),

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import common
-from common import MuonAdamW, orthogonalize, param_groups
+from common import orthogonalize, param_groups
 from conftest import TINY_TRAIN
-from train_ijepa import build_model, parse_args
+from train_ijepa import build_model, build_optimizer, parse_args
 
 
 @pytest.mark.parametrize("shape", [(64, 16), (16, 64)])
@@ -54,16 +54,20 @@ def test_only_the_hidden_matrices_get_muon():
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon arrived in torch 2.9")
-def test_muon_adamw_steps_as_torch_muon_on_hidden_matrices_and_torch_adamw_elsewhere(monkeypatch):
+@pytest.mark.parametrize("momentum", [0.95, 0.8])
+def test_muon_adamw_steps_as_torch_muon_on_hidden_matrices_and_torch_adamw_elsewhere(monkeypatch, momentum):
     """Three steps of random gradients with the lr and weight decay changed between steps, as the schedules
-    do: the same weights as torch.optim.Muon (RMS matched to AdamW, its bf16 iteration) on the hidden
-    matrices and torch.optim.AdamW on the rest."""
+    do: the optimiser train_ijepa.py builds for --optimizer muon --muon-momentum M gives the same weights as
+    torch.optim.Muon (momentum M, RMS matched to AdamW, its bf16 iteration) on the hidden matrices and
+    torch.optim.AdamW on the rest."""
     monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: True)  # torch's Muon always iterates in bf16
-    model = build_model(parse_args(TINY_TRAIN))
+    args = parse_args([*TINY_TRAIN, "--optimizer", "muon", "--muon-momentum", str(momentum)])
+    model = build_model(args)
     reference, initial = copy.deepcopy(model), copy.deepcopy(model)
-    optimizer = MuonAdamW(param_groups(model, 0.04, muon=True), lr=1e-3)
-    hidden, *adamw_groups = param_groups(reference, 0.04, muon=True)
-    muon = torch.optim.Muon(hidden["params"], lr=1e-3, weight_decay=0.04, adjust_lr_fn="match_rms_adamw")
+    optimizer = build_optimizer(model, args, torch.device("cpu"))
+    hidden, *adamw_groups = param_groups(reference, args.weight_decay, muon=True)
+    muon = torch.optim.Muon(hidden["params"], lr=1e-3, weight_decay=0.04, momentum=momentum,
+                            adjust_lr_fn="match_rms_adamw")
     adamw = torch.optim.AdamW(adamw_groups, lr=1e-3)
     generator = torch.Generator().manual_seed(0)
     for lr, weight_decay in [(1e-3, 0.04), (5e-4, 0.1), (2e-4, 0.4)]:

@@ -109,7 +109,7 @@ def build_parser(description=__doc__):
     g.add_argument("--ema", type=float, nargs=2, default=(0.996, 1.0), help="EMA momentum start, end")
     g.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"), help="muon: Muon on the hidden "
                    "matrices, AdamW on the rest, at the same lr and weight decay (common.MuonAdamW)")
-    g.add_argument("--muon-momentum", type=float, default=0.95, help="Muon's Nesterov momentum (--optimizer muon)")
+    g.add_argument("--muon-momentum", type=float, help="Muon's Nesterov momentum (--optimizer muon; default 0.95)")
     g.add_argument("--grad-clip", type=non_negative_float, default=0.0, help="max grad norm (0: off)")
     g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
                    help="default: accelerate's config, else bf16 on CPUs with AMX/AVX512-BF16 (bf16 is also the "
@@ -155,8 +155,12 @@ def finish_args(args):
         raise UserError("--vicreg-weight needs --batch-size >= 2: its variance is measured across the batch")
     if not 0 <= args.ema[0] <= args.ema[1] <= 1:
         raise UserError(f"--ema must satisfy 0 <= start <= end <= 1, got {args.ema[0]} {args.ema[1]}")
-    if not 0 <= args.muon_momentum < 1:
-        raise UserError(f"--muon-momentum must satisfy 0 <= momentum < 1, got {args.muon_momentum}")
+    if args.optimizer == "muon":
+        args.muon_momentum = 0.95 if args.muon_momentum is None else args.muon_momentum
+        if not 0 <= args.muon_momentum < 1:
+            raise UserError(f"--muon-momentum must satisfy 0 <= momentum < 1, got {args.muon_momentum}")
+    elif args.muon_momentum is not None:
+        raise UserError("--muon-momentum sets Muon, which --optimizer adamw does not use: add --optimizer muon")
     # AdamW's step computes lr / (1 - beta1^t) and lr * weight decay in float32: beyond this they overflow.
     if max(args.lr, args.start_lr, args.final_lr) * max(1.0, args.weight_decay, args.final_weight_decay) > 1e30:
         raise UserError(f"--lr {args.lr} (or --start-lr, --final-lr, times the weight decay) is beyond 1e30; "

@@ -54,14 +54,15 @@ def test_only_the_hidden_matrices_get_muon():
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon arrived in torch 2.9")
-@pytest.mark.parametrize("momentum", [0.95, 0.8])
-def test_muon_adamw_steps_as_torch_muon_on_hidden_matrices_and_torch_adamw_elsewhere(monkeypatch, momentum):
+@pytest.mark.parametrize("momentum_flag, momentum", [([], 0.95), (["--muon-momentum", "0.8"], 0.8)])
+def test_muon_adamw_steps_as_torch_muon_on_hidden_matrices_and_torch_adamw_elsewhere(monkeypatch, momentum_flag,
+                                                                                      momentum):
     """Three steps of random gradients with the lr and weight decay changed between steps, as the schedules
-    do: the optimiser train_ijepa.py builds for --optimizer muon --muon-momentum M gives the same weights as
-    torch.optim.Muon (momentum M, RMS matched to AdamW, its bf16 iteration) on the hidden matrices and
-    torch.optim.AdamW on the rest."""
+    do: the optimiser train_ijepa.py builds for --optimizer muon (momentum 0.95 by default, else
+    --muon-momentum M) gives the same weights as torch.optim.Muon (that momentum, RMS matched to AdamW, its bf16
+    iteration) on the hidden matrices and torch.optim.AdamW on the rest."""
     monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: True)  # torch's Muon always iterates in bf16
-    args = parse_args([*TINY_TRAIN, "--optimizer", "muon", "--muon-momentum", str(momentum)])
+    args = parse_args([*TINY_TRAIN, "--optimizer", "muon", *momentum_flag])
     model = build_model(args)
     reference, initial = copy.deepcopy(model), copy.deepcopy(model)
     optimizer = build_optimizer(model, args, torch.device("cpu"))
